@@ -1,0 +1,167 @@
+"""The quantized checkpoint: a directory written atomically and verified on load.
+
+Layout (see README "Checkpoint format"): the source model's config and tokenizer files,
+``model.safetensors`` (non-quantized weights in their original dtype under their Hugging Face
+names, plus ``<linear>.qweight`` / ``.scale`` / ``.scale_exp`` / ``.row_scale`` / ``.lorc_u`` ...
+for each quantized linear) and ``fp_export.json`` (format version, recipe, per-layer specs,
+calibration digest, sha256 of every file, metrics).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fp_export.model import set_module
+from fp_export.qlinear import LayerSpec, QuantLinear
+from fp_export.recipe import Recipe, recipe_from_dict
+
+FORMAT_NAME = "fp-export"
+FORMAT_VERSION = 1
+MANIFEST = "fp_export.json"
+WEIGHTS = "model.safetensors"
+COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+          "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+          "chat_template.jinja")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted or read; the message names the file."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_digest(model_dir: Path) -> str:
+    """sha256 over the sorted names and contents of a model directory's safetensors files."""
+    h = hashlib.sha256()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def checkpoint_tensors(
+    model: nn.Module, qlayers: dict[str, QuantLinear], orig_dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint by name: non-quantized ones cast back to ``orig_dtype``
+    (tied duplicates dropped: the config re-ties them), then each quantized linear's tensors."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict(keep_vars=False).items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        out[name] = (t.to(orig_dtype) if t.is_floating_point() else t).contiguous()
+    for qname, m in qlayers.items():
+        out.update({f"{qname}.{k}": v.contiguous() for k, v in m.tensors().items()})
+    return out
+
+
+def write_checkpoint(
+    out: Path,
+    source_dir: Path,
+    tensors: dict[str, torch.Tensor],
+    recipe: Recipe,
+    qlayers: dict[str, QuantLinear],
+    extra: dict,
+    overwrite: bool = False,
+) -> Path:
+    """Write the checkpoint into a temporary sibling of ``out`` and rename it into place."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        tmp.chmod(0o755)
+        for name in COPIED:
+            if (source_dir / name).is_file():
+                shutil.copyfile(source_dir / name, tmp / name)
+        save_file(tensors, tmp / WEIGHTS, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "recipe": recipe.model_dump(),
+            "recipe_sha256": recipe.digest(),
+            "layers": {n: asdict(m.spec()) for n, m in sorted(qlayers.items())},
+            **extra,
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(qdir: Path, verify: bool = True) -> dict:
+    """Parse ``fp_export.json`` and (``verify``) check every listed file's sha256."""
+    qdir = Path(qdir)
+    mpath = qdir / MANIFEST
+    if not mpath.is_file():
+        raise CheckpointError(f"{qdir}: not an fp-export checkpoint ({MANIFEST} missing)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{mpath}: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{mpath}: format {manifest.get('format')!r} v{manifest.get('format_version')} "
+            f"is not {FORMAT_NAME} v{FORMAT_VERSION}"
+        )
+    if verify:
+        for name, digest in manifest["files"].items():
+            f = qdir / name
+            if not f.is_file():
+                raise CheckpointError(f"{f}: listed in {MANIFEST} but missing")
+            if sha256_file(f) != digest:
+                raise CheckpointError(f"{f}: sha256 does not match {MANIFEST} (modified or corrupt)")
+    return manifest
+
+
+def load_checkpoint(qdir: str | Path, verify: bool = True):
+    """(model with QuantLinear layers, float32 eval mode; tokenizer; manifest) from a checkpoint.
+    Its forward equals the model that was saved, bit for bit."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    qdir = Path(qdir)
+    manifest = read_manifest(qdir, verify)
+    recipe_from_dict(manifest["recipe"], str(qdir / MANIFEST))
+    config = AutoConfig.from_pretrained(qdir, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    tensors = load_file(qdir / WEIGHTS)
+    for qname, spec in manifest["layers"].items():
+        prefix = qname + "."
+        t = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+        try:
+            set_module(model, qname, QuantLinear.from_tensors(LayerSpec.from_dict(spec), t))
+        except (KeyError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{qdir / WEIGHTS}: layer {qname}: {e}") from None
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{qdir / WEIGHTS}: missing {missing[:5]} unexpected {unexpected[:5]}")
+    tokenizer = AutoTokenizer.from_pretrained(qdir, local_files_only=True)
+    return model, tokenizer, manifest

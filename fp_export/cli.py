@@ -1,0 +1,145 @@
+"""``fp-export``: quantize, eval, export, validate, build. Bad input exits 2 with one clear line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fp_export.model import DEFAULT_MODEL
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+err = Console(stderr=True)
+out = Console()
+
+MODEL_HELP = "Local Hugging Face model directory (default: the embedded kjv-llama-15m)."
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fp_export.checkpoint import CheckpointError
+    from fp_export.model import ModelError
+    from fp_export.recipe import RecipeError
+
+    return (CheckpointError, ModelError, RecipeError, FileNotFoundError, FileExistsError, ValueError)
+
+
+@contextmanager
+def user_errors():
+    """Turn the project's input errors into 'error: ...' on stderr and exit code 2."""
+    try:
+        yield
+    except _user_errors() as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@contextmanager
+def progress_bars(enabled: bool = True):
+    """A rich progress display and a ``(task, done, total)`` callback that drives it."""
+    prog = Progress(TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=err, disable=not enabled, transient=False)
+    tasks: dict[str, int] = {}
+
+    def update(name: str, done: int, total: int) -> None:
+        if name not in tasks:
+            tasks[name] = prog.add_task(name, total=total)
+        prog.update(tasks[name], completed=done, total=total)
+
+    with prog:
+        yield update
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+@app.command()
+def quantize(
+    recipe: str = typer.Option(..., help="Recipe YAML file or bundled name (e.g. w4a8-fp4-m2-lorc)."),
+    out_dir: Path = typer.Option(..., "--out", help="Checkpoint directory to write."),
+    model: Path = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from its per-layer state."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+    nsamples: Optional[int] = typer.Option(None, min=1, help="Override calibration.nsamples."),
+    seqlen: Optional[int] = typer.Option(None, min=8, help="Override calibration.seqlen."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Measure test perplexity and record it."),
+    max_eval_windows: Optional[int] = typer.Option(None, min=1, help="Limit evaluation windows."),
+):
+    """Quantize a causal LM by a recipe into an fp-export checkpoint."""
+    from fp_export.pipeline import quantize_to_checkpoint
+    from fp_export.recipe import load_recipe
+
+    _quiet_transformers()
+    with user_errors():
+        r = load_recipe(recipe)
+        cal = {k: v for k, v in (("nsamples", nsamples), ("seqlen", seqlen)) if v is not None}
+        if cal:
+            r = r.model_copy(update={"calibration": r.calibration.model_copy(update=cal)})
+        with progress_bars() as bar:
+            manifest = quantize_to_checkpoint(
+                model, r, out_dir, resume=resume, overwrite=overwrite,
+                eval_text="test" if evaluate else None, max_eval_windows=max_eval_windows, progress=bar,
+            )
+    _print_summary(manifest, out_dir)
+
+
+def _print_summary(manifest: dict, out_dir: Path) -> None:
+    r = manifest["recipe"]
+    w, a, lorc = r.get("weights"), r.get("activations"), r.get("lorc")
+    table = Table(title=f"fp-export quantize: {r['name']}")
+    table.add_column("item")
+    table.add_column("value")
+    table.add_row("quantized linears", str(len(manifest["layers"])))
+    if w:
+        g = w["group_size"] or "channel"
+        table.add_row("weights", f"{w['format']} group {g} scales {w['scale_constraint']} ({w['method']})")
+    table.add_row("activations", f"{a['format']} per {a['granularity']}" if a else "16-bit")
+    table.add_row("lorc", f"rank {lorc['rank']} {lorc['factor_format']}" if lorc else "-")
+    cal = manifest["calibration"]
+    table.add_row("calibration", f"{cal['nsamples']} x {cal['seqlen']} tokens of {cal['source']}")
+    m = manifest.get("metrics") or {}
+    if m:
+        table.add_row("perplexity", f"{m['perplexity']:.3f} ({m['tokens']} tokens, seqlen {m['seqlen']})")
+    size = sum(f.stat().st_size for f in Path(out_dir).iterdir())
+    table.add_row("checkpoint", f"{out_dir} ({size / 2**20:.1f} MiB)")
+    table.add_row("time", f"{manifest.get('seconds', 0):.1f} s")
+    out.print(table)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Option(DEFAULT_MODEL, help="Checkpoint or HF model directory."),
+    text: str = typer.Option("test", help="Corpus split (train/validation/test) or a text file."),
+    seqlen: Optional[int] = typer.Option(None, min=8, help="Window length (default min(2048, max positions))."),
+    max_windows: Optional[int] = typer.Option(None, min=1, help="Score only the first N windows."),
+    as_json: bool = typer.Option(False, "--json", help="Print {perplexity, tokens, seqlen} as JSON."),
+):
+    """Perplexity on held-out text (non-overlapping windows, the paper's protocol)."""
+    from fp_export.data import load_text
+    from fp_export.evaluate import model_seqlen, perplexity, tokenize
+    from fp_export.pipeline import load_any
+
+    _quiet_transformers()
+    with user_errors():
+        m, tok, _ = load_any(model)
+        ids = tokenize(tok, load_text(text))
+        with progress_bars(not as_json) as bar:
+            res = perplexity(m, ids, model_seqlen(m, seqlen), max_windows, lambda i, n: bar("eval", i, n))
+    if as_json:
+        print(json.dumps({"perplexity": res["perplexity"], "tokens": res["tokens"], "seqlen": res["seqlen"]}))
+    else:
+        out.print(f"perplexity {res['perplexity']:.4f} over {res['tokens']} tokens (seqlen {res['seqlen']})")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())

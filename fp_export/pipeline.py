@@ -1,0 +1,93 @@
+"""End-to-end jobs behind the CLI: quantize a model directory into a checkpoint; load either kind
+of directory for evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from fp_export.checkpoint import (
+    MANIFEST, checkpoint_tensors, load_checkpoint, model_digest, read_manifest, write_checkpoint,
+)
+from fp_export.data import calibration_batch, load_text, text_sha256
+from fp_export.evaluate import model_seqlen, perplexity, tokenize
+from fp_export.model import check_model_dir, load_model
+from fp_export.quantize import Progress, quantize_model
+from fp_export.recipe import Recipe
+
+
+def state_dir_for(out: Path) -> Path:
+    """Where an interrupted ``quantize`` keeps its per-layer state (beside the output)."""
+    return out.parent / f".{out.name}.state"
+
+
+def load_any(path: str | Path):
+    """(model, tokenizer, manifest or None): a quantized checkpoint or a plain HF directory."""
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        return load_checkpoint(p)
+    model, tok, _ = load_model(p)
+    return model, tok, None
+
+
+def quantize_to_checkpoint(
+    model_dir: Path,
+    recipe: Recipe,
+    out: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    eval_text: str | None = "test",
+    max_eval_windows: int | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Quantize ``model_dir`` by ``recipe`` into checkpoint ``out``; returns its manifest."""
+    model_dir = check_model_dir(model_dir)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    torch.manual_seed(0)
+    t0 = time.time()
+    model, tok, orig_dtype = load_model(model_dir)
+    cal = recipe.calibration
+    seqlen = model_seqlen(model, cal.seqlen)
+    text = load_text(cal.source)
+    calib = calibration_batch(tokenize(tok, text), cal.nsamples, seqlen, cal.seed)
+    calibration = {
+        "source": cal.source if cal.source in ("train", "validation", "test") else Path(cal.source).name,
+        "text_sha256": text_sha256(text),
+        "tokens_sha256": _tensor_digest(calib),
+        "nsamples": cal.nsamples,
+        "seqlen": seqlen,
+        "seed": cal.seed,
+    }
+    fingerprint = {"recipe": recipe.digest(), "model": model_digest(model_dir), "calibration": calibration}
+    state = state_dir_for(out)
+    if state.exists() and not resume:
+        shutil.rmtree(state)
+    qlayers = quantize_model(model, recipe, calib, state, fingerprint, progress)
+    metrics: dict = {}
+    if eval_text is not None:
+        ids = tokenize(tok, load_text(eval_text))
+        metrics = {"eval_text": eval_text, **perplexity(
+            model, ids, model_seqlen(model), max_eval_windows,
+            (lambda i, n: progress("eval", i, n)) if progress else None,
+        )}
+    tensors = checkpoint_tensors(model, qlayers, orig_dtype)
+    extra = {
+        "base_model": {"name": model_dir.name, "sha256": fingerprint["model"], "dtype": str(orig_dtype)},
+        "calibration": calibration,
+        "metrics": metrics,
+    }
+    write_checkpoint(out, model_dir, tensors, recipe, qlayers, extra, overwrite=overwrite)
+    shutil.rmtree(state, ignore_errors=True)
+    manifest = read_manifest(out)
+    manifest["seconds"] = round(time.time() - t0, 1)
+    return manifest
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()

@@ -1,0 +1,120 @@
+"""``QuantLinear``: the quantized replacement of an ``nn.Linear`` (reference forward, any device).
+
+Forward, in float32:  x_q = fake_quantize(x, s_x, act_fmt)   (s_x per token, or the static
+``input_scale``);  y = x_q W^T + bias (+ (x_q v^T) u^T with LoRC), where W is the dequantized weight
+(``weights.dequantize``) and u, v the dequantized LoRC factors. Output in the input's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp_export.formats import fake_quantize, get_format
+from fp_export.lorc import LoRCFactors
+from fp_export.recipe import ActivationConfig
+from fp_export.scales import token_scales
+from fp_export.weights import QuantizedWeight
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a checkpoint records of one quantized linear (``fp_export.json`` ``layers`` entry)."""
+
+    in_features: int
+    out_features: int
+    bias: bool
+    weight_format: str | None
+    group_size: int | None
+    scale_constraint: str
+    act_format: str | None
+    act_granularity: str | None
+    lorc_rank: int
+    lorc_format: str | None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerSpec":
+        return cls(**d)
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        weight: QuantizedWeight | torch.Tensor,
+        bias: torch.Tensor | None,
+        act: ActivationConfig | None = None,
+        input_scale: torch.Tensor | None = None,
+        lorc: LoRCFactors | None = None,
+    ):
+        super().__init__()
+        self.qweight = weight if isinstance(weight, QuantizedWeight) else None
+        w = weight.dequantize() if self.qweight is not None else weight.detach().float()
+        self.out_features, self.in_features = w.shape
+        self.act = act
+        if act is not None and act.granularity == "tensor" and input_scale is None:
+            raise ValueError("static (per-tensor) activation quantization needs input_scale")
+        self.lorc = lorc
+        self.register_buffer("weight", w, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
+        self.register_buffer("input_scale", input_scale, persistent=False)
+        self.register_buffer("lorc_u", None if lorc is None else lorc.u, persistent=False)
+        self.register_buffer("lorc_v", None if lorc is None else lorc.v, persistent=False)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] float32 -> its fake-quantized value (unchanged without activation quant)."""
+        if self.act is None:
+            return x
+        fmt = get_format(self.act.format)
+        scale = self.input_scale if self.act.granularity == "tensor" else token_scales(x, fmt)
+        return fake_quantize(x, scale, fmt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xq = self.quantize_input(x.float())
+        y = F.linear(xq, self.weight, self.bias)
+        if self.lorc_u is not None:
+            y = y + F.linear(F.linear(xq, self.lorc_v), self.lorc_u)
+        return y.to(dtype)
+
+    def spec(self) -> LayerSpec:
+        qw, act, lorc = self.qweight, self.act, self.lorc
+        return LayerSpec(
+            in_features=self.in_features,
+            out_features=self.out_features,
+            bias=self.bias is not None,
+            weight_format=None if qw is None else qw.fmt.name,
+            group_size=None if qw is None else qw.group_size,
+            scale_constraint="none" if qw is None else qw.constraint,
+            act_format=None if act is None else act.format,
+            act_granularity=None if act is None else act.granularity,
+            lorc_rank=0 if lorc is None else lorc.u.shape[1],
+            lorc_format=None if lorc is None else lorc.factor_format,
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors by suffix (``qweight``, ``scale``, ``bias`` ...); see README."""
+        out = self.qweight.tensors() if self.qweight is not None else {"weight": self.weight}
+        if self.bias is not None:
+            out["bias"] = self.bias
+        if self.input_scale is not None:
+            out["input_scale"] = self.input_scale
+        if self.lorc is not None:
+            out.update(self.lorc.tensors())
+        return out
+
+    @classmethod
+    def from_tensors(cls, spec: LayerSpec, t: dict[str, torch.Tensor]) -> "QuantLinear":
+        if spec.weight_format is None:
+            weight = t["weight"]
+        else:
+            weight = QuantizedWeight.from_tensors(
+                t, spec.weight_format, spec.group_size, spec.scale_constraint, spec.in_features
+            )
+        act = None if spec.act_format is None else ActivationConfig(
+            format=spec.act_format, granularity=spec.act_granularity
+        )
+        lorc = None if spec.lorc_rank == 0 else LoRCFactors.from_tensors(t, spec.lorc_format)
+        return cls(weight, t.get("bias"), act, t.get("input_scale"), lorc)
