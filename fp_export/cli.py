@@ -24,10 +24,12 @@ MODEL_HELP = "Local Hugging Face model directory (default: the embedded kjv-llam
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from fp_export.checkpoint import CheckpointError
+    from fp_export.export.onnx import ExportError
     from fp_export.model import ModelError
     from fp_export.recipe import RecipeError
 
-    return (CheckpointError, ModelError, RecipeError, FileNotFoundError, FileExistsError, ValueError)
+    return (CheckpointError, ExportError, ModelError, RecipeError, FileNotFoundError, FileExistsError,
+            ValueError)
 
 
 @contextmanager
@@ -139,6 +141,75 @@ def eval_cmd(
         print(json.dumps({"perplexity": res["perplexity"], "tokens": res["tokens"], "seqlen": res["seqlen"]}))
     else:
         out.print(f"perplexity {res['perplexity']:.4f} over {res['tokens']} tokens (seqlen {res['seqlen']})")
+
+
+@app.command()
+def export(
+    model: Path = typer.Option(..., help="fp-export checkpoint directory."),
+    out_file: Path = typer.Option(..., "--out", help="ONNX file to write (weights go to <out>.data)."),
+    reference: bool = typer.Option(False, help="Write the ONNX Runtime reference graph (no custom ops)."),
+):
+    """Export a quantized checkpoint to ONNX (FP8 Q/DQ, Fp4ToFp8 custom op)."""
+    import time
+
+    from fp_export.export.onnx import check, export_checkpoint
+
+    _quiet_transformers()
+    t0 = time.time()
+    with user_errors():
+        path = export_checkpoint(model, out_file, reference=reference)
+        check(path)
+    size = path.stat().st_size + (path.parent / f"{path.name}.data").stat().st_size
+    out.print(f"wrote {path} (+ {path.name}.data, {size / 2**20:.1f} MiB) in {time.time() - t0:.1f} s; "
+              "onnx.checker and strict shape inference passed")
+
+
+@app.command()
+def validate(
+    model: Path = typer.Option(..., help="fp-export checkpoint directory (the PyTorch reference)."),
+    onnx_file: Optional[Path] = typer.Option(None, "--onnx", help="Exported graph to run in ONNX Runtime."),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime, or gpu: the CUDA runtime vs the ONNX Runtime reference."),
+    text: str = typer.Option("test", help="Corpus split or text file for the input windows."),
+    windows: int = typer.Option(16, min=1, help="Number of input windows."),
+    seqlen: Optional[int] = typer.Option(None, min=8, help="Window length (default the model's, up to 2048)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Compare a backend with the PyTorch quantized model (Polygraphy); exit 1 past tolerances."""
+    from fp_export.checkpoint import load_checkpoint
+    from fp_export.data import load_text
+    from fp_export.evaluate import eval_windows, model_seqlen, tokenize
+    from fp_export.validate import OnnxFileError, compare, onnx_runner
+
+    _quiet_transformers()
+    with user_errors():
+        try:
+            m, tok, _ = load_checkpoint(model)
+            ids = eval_windows(tokenize(tok, load_text(text)), model_seqlen(m, seqlen), windows)
+            if backend == "onnxruntime":
+                if onnx_file is None:
+                    raise ValueError("--onnx is required with --backend onnxruntime")
+                report = compare(m, onnx_runner(onnx_file), ids)
+            elif backend == "gpu":
+                from fp_export.runtime.validate import compare_gpu
+
+                report = compare_gpu(model, onnx_file, ids)
+            else:
+                raise ValueError(f"unknown backend {backend!r}: onnxruntime or gpu")
+        except OnnxFileError as e:
+            raise ValueError(str(e)) from None
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        table = Table(title=f"fp-export validate: {report['runner']} vs {report.get('reference', 'pytorch')}")
+        table.add_column("metric")
+        table.add_column("value")
+        for k, v in report.items():
+            if k != "tolerances":
+                table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+        out.print(table)
+    if not report["passed"]:
+        err.print("[bold red]validation failed[/]: outside the tolerances above")
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - console entry point

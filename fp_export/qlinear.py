@@ -1,8 +1,11 @@
 """``QuantLinear``: the quantized replacement of an ``nn.Linear`` (reference forward, any device).
 
-Forward, in float32:  x_q = fake_quantize(x, s_x, act_fmt)   (s_x per token, or the static
-``input_scale``);  y = x_q W^T + bias (+ (x_q v^T) u^T with LoRC), where W is the dequantized weight
-(``weights.dequantize``) and u, v the dequantized LoRC factors. Output in the input's dtype.
+Forward, in float32, as deployed (the exported graph and GPU runtime compute the same):
+- static per-tensor activations: x_q = round_to_grid(x / s) * s, y = x_q W^T (+ (x_q v^T) u^T) + b;
+- token-wise dynamic: s = max|x| / max_q per token, x_u = round_to_grid(x / s) on the unit grid,
+  y = (x_u W^T (+ (x_u v^T) u^T)) * s + b, i.e. the token scale applied in the GEMM epilogue;
+W is the dequantized weight (``weights.dequantize``), u and v the dequantized LoRC factors.
+Output in the input's dtype.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp_export.formats import fake_quantize, get_format
+from fp_export.formats import fake_quantize, get_format, round_to_grid
 from fp_export.lorc import LoRCFactors
 from fp_export.recipe import ActivationConfig
 from fp_export.scales import token_scales
@@ -63,20 +66,26 @@ class QuantLinear(nn.Module):
         self.register_buffer("lorc_u", None if lorc is None else lorc.u, persistent=False)
         self.register_buffer("lorc_v", None if lorc is None else lorc.v, persistent=False)
 
-    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] float32 -> its fake-quantized value (unchanged without activation quant)."""
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [..., in] float32 -> (GEMM operand, per-token scale [..., 1] for the epilogue or None)."""
         if self.act is None:
-            return x
+            return x, None
         fmt = get_format(self.act.format)
-        scale = self.input_scale if self.act.granularity == "tensor" else token_scales(x, fmt)
-        return fake_quantize(x, scale, fmt)
+        if self.act.granularity == "tensor":
+            return fake_quantize(x, self.input_scale, fmt), None
+        scale = token_scales(x, fmt)
+        return round_to_grid(x / scale, fmt), scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        xq = self.quantize_input(x.float())
-        y = F.linear(xq, self.weight, self.bias)
+        xq, post = self.quantize_input(x.float())
+        y = F.linear(xq, self.weight)
         if self.lorc_u is not None:
             y = y + F.linear(F.linear(xq, self.lorc_v), self.lorc_u)
+        if post is not None:
+            y = y * post
+        if self.bias is not None:
+            y = y + self.bias
         return y.to(dtype)
 
     def spec(self) -> LayerSpec:

@@ -1,0 +1,154 @@
+"""Validation of an exported graph against the PyTorch quantized model, through Polygraphy.
+
+Both runners see the same inputs: windows of the held-out text. Reported: max abs logit error and
+the same relative to the largest reference logit, top-1 agreement, perplexity of each, and the PyTorch model's own noise floor (top-1
+agreement of the model against itself with its embedding table nudged by one float32 ulp), since
+dynamic activation quantization turns float32 rounding differences into grid flips that no two
+backends avoid. Tolerances (``Tolerances``): perplexity within 0.5%, top-1 agreement at least
+min(0.99, noise floor - 0.005).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.common import TensorMetadata
+from polygraphy.comparator import Comparator
+from polygraphy.logger import G_LOGGER
+from torch import nn
+
+from fp_export.export.onnx import CUSTOM_DOMAIN
+from fp_export.export.reference import to_reference
+
+
+class OnnxFileError(ValueError):
+    """An ONNX file that is missing, truncated or not an fp-export causal LM graph."""
+
+
+class TorchRunner(BaseRunner):
+    """Polygraphy runner for a PyTorch causal LM: ``input_ids`` int64 [batch, seq] -> ``logits``."""
+
+    def __init__(self, model: nn.Module, name: str | None = None, device: str = "cpu"):
+        super().__init__(name=name, prefix="pytorch-runner")
+        self.model = model
+        self.device = device
+
+    def activate_impl(self):
+        self.model.eval()
+
+    def get_input_metadata_impl(self):
+        return TensorMetadata().add("input_ids", np.int64, ["batch", "seq"])
+
+    def infer_impl(self, feed_dict):
+        ids = torch.from_numpy(np.asarray(feed_dict["input_ids"])).to(self.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            logits = self.model(ids, use_cache=False).logits.float().cpu().numpy()
+        self.inference_time = time.perf_counter() - start
+        return OrderedDict(logits=logits)
+
+    def deactivate_impl(self):
+        pass
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    ppl_rel: float = 0.005
+    top1_min: float = 0.99
+    floor_margin: float = 0.005
+
+
+def load_onnx_for_ort(path: Path) -> onnx.ModelProto:
+    """Load and check an exported graph; custom nodes are replaced by their reference subgraphs."""
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxFileError(f"{path}: no such ONNX file")
+    try:
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto)
+    except Exception as e:  # onnx raises DecodeError, ValidationError, OSError for bad files
+        raise OnnxFileError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
+    names = [i.name for i in proto.graph.input]
+    outs = [o.name for o in proto.graph.output]
+    if names != ["input_ids"] or outs != ["logits"]:
+        raise OnnxFileError(f"{path}: expected input_ids -> logits, found {names} -> {outs} (not an fp-export graph)")
+    if any(n.domain == CUSTOM_DOMAIN for n in proto.graph.node):
+        proto = to_reference(proto)
+    return proto
+
+
+def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
+    lg = torch.from_numpy(logits[:, :-1]).double()
+    return float(torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]),
+                                                   torch.from_numpy(ids[:, 1:]).reshape(-1), reduction="sum"))
+
+
+def noise_floor(model: nn.Module, batches: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """Top-1 agreement of ``model`` with itself after a one-ulp nudge of the embedding table."""
+    emb = model.get_input_embeddings().weight
+    saved = emb.detach().clone()
+    try:
+        with torch.no_grad():
+            emb.copy_(torch.nextafter(saved, torch.full_like(saved, float("inf"))))
+            agree = [
+                (model(torch.from_numpy(b), use_cache=False).logits.numpy().argmax(-1) == r.argmax(-1)).mean()
+                for b, r in zip(batches, reference)
+            ]
+    finally:
+        with torch.no_grad():
+            emb.copy_(saved)
+    return float(np.mean(agree))
+
+
+def compare(model: nn.Module, other: BaseRunner, windows: torch.Tensor, batch: int = 4,
+            tol: Tolerances = Tolerances(), floor: bool = True) -> dict:
+    """Run ``other`` and the PyTorch ``model`` on ``windows`` [n, seqlen] through Polygraphy's
+    Comparator; returns the report dict (``passed`` says whether the tolerances hold)."""
+    batches = [b.numpy() for b in windows.split(batch)]
+    G_LOGGER.module_severity = G_LOGGER.WARNING
+    torch_runner = TorchRunner(model, name="pytorch")
+    results = Comparator.run([other, torch_runner], data_loader=[{"input_ids": b} for b in batches])
+    got = [r["logits"] for r in results[other.name]]
+    ref = [r["logits"] for r in results[torch_runner.name]]
+    abs_err = max(float(np.abs(a - b).max()) for a, b in zip(got, ref))
+    rel_err = abs_err / max(float(np.abs(b).max()) for b in ref)
+    top1 = float(np.mean(np.concatenate([(a.argmax(-1) == b.argmax(-1)).ravel() for a, b in zip(got, ref)])))
+    tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
+    ppl_other = math.exp(sum(_nll(a, b) for a, b in zip(got, batches)) / tokens)
+    ppl_torch = math.exp(sum(_nll(a, b) for a, b in zip(ref, batches)) / tokens)
+    report = {
+        "runner": other.name,
+        "windows": int(windows.shape[0]),
+        "seqlen": int(windows.shape[1]),
+        "max_abs_logit_error": abs_err,
+        "max_rel_logit_error": rel_err,  # max |error| / max |reference logit|
+        "top1_agreement": top1,
+        "perplexity": ppl_other,
+        "perplexity_pytorch": ppl_torch,
+        "perplexity_rel_diff": abs(ppl_other / ppl_torch - 1),
+        "tolerances": asdict(tol),
+    }
+    need = tol.top1_min
+    if floor:
+        report["noise_floor_top1"] = noise_floor(model, batches, ref)
+        need = min(tol.top1_min, report["noise_floor_top1"] - tol.floor_margin)
+    report["top1_required"] = need
+    report["passed"] = report["perplexity_rel_diff"] <= tol.ppl_rel and top1 >= need
+    return report
+
+
+def onnx_runner(path: Path) -> OnnxrtRunner:
+    proto = load_onnx_for_ort(path)
+    data = proto.SerializeToString() if proto.ByteSize() < 2**31 - 1 else None
+    if data is None:
+        raise OnnxFileError(f"{path}: graph over 2 GiB in memory; validate its --reference export instead")
+    return OnnxrtRunner(SessionFromOnnx(data, providers=["cpu"]), name="onnxruntime")
