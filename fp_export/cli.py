@@ -178,7 +178,7 @@ def validate(
     from fp_export.checkpoint import load_checkpoint
     from fp_export.data import load_text
     from fp_export.evaluate import eval_windows, model_seqlen, tokenize
-    from fp_export.validate import OnnxFileError, compare, onnx_runner
+    from fp_export.validate import OnnxFileError, TorchRunner, compare, onnx_runner
 
     _quiet_transformers()
     with user_errors():
@@ -188,11 +188,11 @@ def validate(
             if backend == "onnxruntime":
                 if onnx_file is None:
                     raise ValueError("--onnx is required with --backend onnxruntime")
-                report = compare(m, onnx_runner(onnx_file), ids)
+                report = compare(onnx_runner(onnx_file), TorchRunner(m, name="pytorch"), ids, floor_model=m)
             elif backend == "gpu":
                 from fp_export.runtime.validate import compare_gpu
 
-                report = compare_gpu(model, onnx_file, ids)
+                report = compare_gpu(m, model, onnx_file, ids)
             else:
                 raise ValueError(f"unknown backend {backend!r}: onnxruntime or gpu")
         except OnnxFileError as e:
@@ -200,7 +200,7 @@ def validate(
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        table = Table(title=f"fp-export validate: {report['runner']} vs {report.get('reference', 'pytorch')}")
+        table = Table(title=f"fp-export validate: {report['runner']} vs {report['reference']}")
         table.add_column("metric")
         table.add_column("value")
         for k, v in report.items():
@@ -210,6 +210,27 @@ def validate(
     if not report["passed"]:
         err.print("[bold red]validation failed[/]: outside the tolerances above")
         raise typer.Exit(1)
+
+
+@app.command()
+def build(
+    onnx_file: Path = typer.Option(..., "--onnx", help="Exported (deployable) ONNX graph."),
+    plan: Path = typer.Option(..., "--out", help="TensorRT engine file to write."),
+    plugin: Optional[Path] = typer.Option(None, help="Plugin library (default plugins/build/libfp_export_trt_plugin.so)."),
+    timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file to read and update."),
+    max_batch: int = typer.Option(8, min=1),
+    max_seq: int = typer.Option(2048, min=1),
+):
+    """Build a TensorRT engine (strongly typed, FP8) with the Fp4ToFp8 plugin."""
+    from fp_export.trt_build import PLUGIN_LIB, BuildUnavailable, build_engine
+
+    try:
+        with user_errors():
+            path = build_engine(onnx_file, plan, plugin or PLUGIN_LIB, timing_cache, max_batch, max_seq)
+    except BuildUnavailable as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    out.print(f"wrote {path}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -92,63 +92,65 @@ def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
                                                    torch.from_numpy(ids[:, 1:]).reshape(-1), reduction="sum"))
 
 
-def noise_floor(model: nn.Module, batches: list[np.ndarray], reference: list[np.ndarray]) -> float:
+def noise_floor(model: nn.Module, batches: list[np.ndarray]) -> float:
     """Top-1 agreement of ``model`` with itself after a one-ulp nudge of the embedding table."""
     emb = model.get_input_embeddings().weight
     saved = emb.detach().clone()
+    run = lambda b: model(torch.from_numpy(b), use_cache=False).logits.numpy().argmax(-1)  # noqa: E731
     try:
         with torch.no_grad():
+            clean = [run(b) for b in batches]
             emb.copy_(torch.nextafter(saved, torch.full_like(saved, float("inf"))))
-            agree = [
-                (model(torch.from_numpy(b), use_cache=False).logits.numpy().argmax(-1) == r.argmax(-1)).mean()
-                for b, r in zip(batches, reference)
-            ]
+            agree = [(run(b) == c).mean() for b, c in zip(batches, clean)]
     finally:
         with torch.no_grad():
             emb.copy_(saved)
     return float(np.mean(agree))
 
 
-def compare(model: nn.Module, other: BaseRunner, windows: torch.Tensor, batch: int = 4,
-            tol: Tolerances = Tolerances(), floor: bool = True) -> dict:
-    """Run ``other`` and the PyTorch ``model`` on ``windows`` [n, seqlen] through Polygraphy's
-    Comparator; returns the report dict (``passed`` says whether the tolerances hold)."""
+def compare(runner: BaseRunner, reference: BaseRunner, windows: torch.Tensor, floor_model: nn.Module | None = None,
+            batch: int = 4, tol: Tolerances = Tolerances()) -> dict:
+    """Run ``runner`` and ``reference`` on ``windows`` [n, seqlen] through Polygraphy's Comparator;
+    returns the report dict (``passed`` says whether the tolerances hold). ``floor_model`` (the
+    CPU PyTorch model) gives the noise floor that relaxes the top-1 requirement."""
     batches = [b.numpy() for b in windows.split(batch)]
     G_LOGGER.module_severity = G_LOGGER.WARNING
-    torch_runner = TorchRunner(model, name="pytorch")
-    results = Comparator.run([other, torch_runner], data_loader=[{"input_ids": b} for b in batches])
-    got = [r["logits"] for r in results[other.name]]
-    ref = [r["logits"] for r in results[torch_runner.name]]
+    results = Comparator.run([runner, reference], data_loader=[{"input_ids": b} for b in batches])
+    got = [r["logits"] for r in results[runner.name]]
+    ref = [r["logits"] for r in results[reference.name]]
     abs_err = max(float(np.abs(a - b).max()) for a, b in zip(got, ref))
     rel_err = abs_err / max(float(np.abs(b).max()) for b in ref)
     top1 = float(np.mean(np.concatenate([(a.argmax(-1) == b.argmax(-1)).ravel() for a, b in zip(got, ref)])))
     tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
-    ppl_other = math.exp(sum(_nll(a, b) for a, b in zip(got, batches)) / tokens)
-    ppl_torch = math.exp(sum(_nll(a, b) for a, b in zip(ref, batches)) / tokens)
+    ppl = math.exp(sum(_nll(a, b) for a, b in zip(got, batches)) / tokens)
+    ppl_ref = math.exp(sum(_nll(a, b) for a, b in zip(ref, batches)) / tokens)
     report = {
-        "runner": other.name,
+        "runner": runner.name,
+        "reference": reference.name,
         "windows": int(windows.shape[0]),
         "seqlen": int(windows.shape[1]),
         "max_abs_logit_error": abs_err,
         "max_rel_logit_error": rel_err,  # max |error| / max |reference logit|
         "top1_agreement": top1,
-        "perplexity": ppl_other,
-        "perplexity_pytorch": ppl_torch,
-        "perplexity_rel_diff": abs(ppl_other / ppl_torch - 1),
+        "perplexity": ppl,
+        "perplexity_reference": ppl_ref,
+        "perplexity_rel_diff": abs(ppl / ppl_ref - 1),
         "tolerances": asdict(tol),
     }
     need = tol.top1_min
-    if floor:
-        report["noise_floor_top1"] = noise_floor(model, batches, ref)
+    if floor_model is not None:
+        report["noise_floor_top1"] = noise_floor(floor_model, batches)
         need = min(tol.top1_min, report["noise_floor_top1"] - tol.floor_margin)
     report["top1_required"] = need
     report["passed"] = report["perplexity_rel_diff"] <= tol.ppl_rel and top1 >= need
     return report
 
 
+def onnx_runner_from_proto(proto: onnx.ModelProto) -> OnnxrtRunner:
+    if proto.ByteSize() >= 2**31 - 1:
+        raise OnnxFileError("graph over 2 GiB in memory; validate its --reference export file instead")
+    return OnnxrtRunner(SessionFromOnnx(proto.SerializeToString(), providers=["cpu"]), name="onnxruntime")
+
+
 def onnx_runner(path: Path) -> OnnxrtRunner:
-    proto = load_onnx_for_ort(path)
-    data = proto.SerializeToString() if proto.ByteSize() < 2**31 - 1 else None
-    if data is None:
-        raise OnnxFileError(f"{path}: graph over 2 GiB in memory; validate its --reference export instead")
-    return OnnxrtRunner(SessionFromOnnx(data, providers=["cpu"]), name="onnxruntime")
+    return onnx_runner_from_proto(load_onnx_for_ort(path))

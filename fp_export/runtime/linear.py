@@ -1,0 +1,117 @@
+"""``GpuQuantLinear``: a ``QuantLinear`` as the H100 runs it.
+
+FP4 weights under M1/M2 stay packed (0.5 byte per weight) with int8 shifts; each forward either
+runs the fused Triton W4A8 GEMM (``mode="fused"``) or the CUDA shift-cast kernel into an FP8 weight
+followed by ``torch._scaled_mm`` (``mode="cast"``). FP8 weights per channel go straight to
+``_scaled_mm``. Activations are quantized token-wise (or with the static scale) to FP8 E4M3; the
+token scale and the per-channel weight scale are applied in the GEMM epilogue. Other weight grids
+(INT4/INT8, unconstrained FP4, grouped FP8) run as dequantized bf16 weights. On CPU tensors every
+path computes the same math in float32 with the reference cast, so it is testable without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp_export.formats import FP8_E4M3, round_to_grid
+from fp_export.qlinear import QuantLinear
+from fp_export.runtime.kernels import fp4_to_fp8
+from fp_export.scales import shift_cast_params, token_scales
+from fp_export.weights import QuantizedWeight
+
+MODES = ("fused", "cast")
+
+
+def quantize_tokens(x: torch.Tensor, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (FP8 E4M3 operand [M, K], scale float32 [M]): token-wise, or the static scale."""
+    if x.is_cuda and static_scale is None:
+        from fp_export.runtime.triton_w4a8 import quantize_rows_fp8
+
+        return quantize_rows_fp8(x.contiguous())
+    xf = x.float()
+    s = token_scales(xf, FP8_E4M3)[:, 0] if static_scale is None else static_scale.float().expand(x.shape[0])
+    q = round_to_grid(xf / s[:, None], FP8_E4M3)
+    return (q.to(torch.float8_e4m3fn) if x.is_cuda else q), s.contiguous()
+
+
+class GpuQuantLinear(nn.Module):
+    def __init__(self, ql: QuantLinear, mode: str = "fused"):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: choose one of {MODES}")
+        self.mode = mode
+        self.in_features, self.out_features = ql.in_features, ql.out_features
+        act = ql.act
+        self.fp8_act = act is not None and act.format == "fp8_e4m3"
+        self.act = act
+        qw: QuantizedWeight | None = ql.qweight
+        self.kind = "dense"
+        self.group_size = None
+        self.register_buffer("static_scale", ql.input_scale if act is not None and act.granularity == "tensor" else None)
+        if self.fp8_act and qw is not None and qw.fmt.name == "fp4_e2m1" and qw.constraint != "none":
+            shift, dq = shift_cast_params(qw.scale_exp, qw.row_scale)
+            from fp_export.formats import pack_nibbles
+
+            self.kind = "fp4_shift"
+            self.group_size = self.in_features // shift.shape[1]
+            self.register_buffer("packed", pack_nibbles(qw.codes))
+            self.register_buffer("shift", shift)
+            self.register_buffer("w_scale", dq)
+        elif self.fp8_act and qw is not None and qw.fmt.name == "fp8_e4m3" and qw.scale.shape[1] == 1:
+            self.kind = "fp8"
+            self.register_buffer("w_fp8_bits", qw.codes)
+            self.register_buffer("w_scale", qw.scale[:, 0].contiguous())
+        else:
+            self.source = ql
+        self.register_buffer("bias", ql.bias)
+        self.register_buffer("lorc_u", ql.lorc_u)
+        self.register_buffer("lorc_v", ql.lorc_v)
+
+    def fp8_weight(self) -> torch.Tensor:
+        """E4M3 weight [N, K] (uint8 bits on CPU, float8_e4m3fn on CUDA)."""
+        bits = fp4_to_fp8(self.packed, self.shift, self.group_size) if self.kind == "fp4_shift" else self.w_fp8_bits
+        return bits.view(torch.float8_e4m3fn) if bits.is_cuda else bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, shape[-1])
+        if self.kind == "dense":
+            y = self.source.to(x.device)(x2.float())
+            return y.to(dtype).reshape(*shape[:-1], self.out_features)
+        xq, s = quantize_tokens(x2, self.static_scale)
+        if not x.is_cuda:
+            from fp_export.formats import decode
+
+            w = decode(self.fp8_weight(), FP8_E4M3)
+            y = (xq @ w.T) * s[:, None] * self.w_scale[None, :]
+        elif self.kind == "fp4_shift" and self.mode == "fused":
+            from fp_export.runtime.triton_w4a8 import w4a8_matmul
+
+            y = w4a8_matmul(xq, s, self.packed, self.shift, self.w_scale, self.group_size).float()
+        else:
+            y = torch._scaled_mm(xq, self.fp8_weight().t(), scale_a=s[:, None], scale_b=self.w_scale[None, :],
+                                 out_dtype=torch.bfloat16).float()
+        if self.lorc_u is not None:
+            xu = xq.float()
+            y = y + F.linear(F.linear(xu, self.lorc_v), self.lorc_u) * s[:, None]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(dtype).reshape(*shape[:-1], self.out_features)
+
+
+def to_gpu_runtime(model: nn.Module, mode: str = "fused", device: str = "cuda") -> nn.Module:
+    """Replace every ``QuantLinear`` of ``model`` by a ``GpuQuantLinear``; move the model to
+    ``device`` (bf16 elsewhere on CUDA)."""
+    from fp_export.model import set_module
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):
+            set_module(model, name, GpuQuantLinear(m, mode))
+    if device != "cpu":
+        for m in model.modules():
+            if not isinstance(m, GpuQuantLinear):
+                for p in m.parameters(recurse=False):
+                    p.data = p.data.to(torch.bfloat16)
+    return model.to(device)
