@@ -161,25 +161,36 @@ def quantize_model(
 
 
 def _calibrate_and_replace(layer: nn.Module, recipe: Recipe, inputs: list, kwargs: dict) -> None:
+    """Collect each linear's Hessian and input absmax over the calibration inputs, then replace it.
+    Linears fed the same tensor (q/k/v, gate/up) share one Hessian accumulation."""
     targets = linears(layer)
     need_h = recipe.weights is not None and recipe.weights.method == "gptq"
-    accs = {n: HessianAccumulator(linear_weight(m).shape[1]) for n, m in targets.items()} if need_h else {}
+    accs: dict[str, HessianAccumulator] = {}
+    owner: dict[str, str] = {}
     amax = dict.fromkeys(targets, 0.0)
+    seen: dict[int, tuple[str, torch.Tensor]] = {}
+
+    def reset(_m, _args):
+        seen.clear()
 
     def make_hook(name):
         def hook(_m, args, _out):
-            x = args[0].detach().float()
-            if need_h:
-                accs[name].add(x)
-            amax[name] = max(amax[name], float(x.abs().max()))
+            x = args[0]
+            first = seen.setdefault(id(x), (name, x))[0]
+            owner.setdefault(name, first)
+            if need_h and first == name:
+                accs.setdefault(name, HessianAccumulator(x.shape[-1])).add(x.detach().float())
+            amax[name] = max(amax[name], float(x.detach().abs().max()))
         return hook
 
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in targets.items()]
+    handles = [layer.register_forward_pre_hook(reset)]
+    handles += [m.register_forward_hook(make_hook(n)) for n, m in targets.items()]
     try:
         _run_layer(layer, inputs, kwargs)
     finally:
         for h in handles:
             h.remove()
+        seen.clear()
     for name, m in targets.items():
-        h = accs[name].hessian() if need_h else None
+        h = accs[owner[name]].hessian() if need_h else None
         set_module(layer, name, quantize_linear(m, recipe, h, amax[name]))

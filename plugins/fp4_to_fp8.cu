@@ -28,23 +28,35 @@ __device__ __forceinline__ uint32_t cast4(uint32_t nibbles, uint32_t lo, uint32_
   return mag | sign;
 }
 
-// Vector path: each thread turns 16 packed bytes (32 codes, one group) into 32 output bytes.
-__global__ void fp4_to_fp8_vec(const uint4* __restrict__ packed, const int8_t* __restrict__ shift,
-                               uint4* __restrict__ out, int64_t n_vec, int64_t vec_per_group) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n_vec; i += stride) {
-    const uint4 p = packed[i];
-    uint32_t lo, hi;
-    shifted_table(shift[i / vec_per_group], lo, hi);
-    const uint32_t w[4] = {p.x, p.y, p.z, p.w};
-    uint32_t r[8];
+// Vector path: each thread turns 8 packed bytes (16 codes, inside one group) into 16 output
+// bytes per step, so a warp's loads (256 B) and stores (512 B) are contiguous; UNROLL independent
+// steps per thread keep several loads in flight.
+constexpr int UNROLL = 4;
+
+__global__ void fp4_to_fp8_vec(const uint2* __restrict__ packed, const int8_t* __restrict__ shift,
+                               uint4* __restrict__ out, uint32_t n_vec, uint32_t vec_per_group) {
+  const uint32_t stride = gridDim.x * blockDim.x;
+  for (uint32_t base = blockIdx.x * blockDim.x + threadIdx.x; base < n_vec; base += stride * UNROLL) {
+    uint2 p[UNROLL];
+    int8_t k[UNROLL];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      r[2 * j] = cast4(w[j] & 0xFFFFu, lo, hi);
-      r[2 * j + 1] = cast4(w[j] >> 16, lo, hi);
+    for (int u = 0; u < UNROLL; ++u) {
+      const uint32_t i = base + u * stride;
+      if (i < n_vec) {
+        p[u] = packed[i];
+        k[u] = shift[i / vec_per_group];
+      }
     }
-    out[2 * i] = make_uint4(r[0], r[1], r[2], r[3]);
-    out[2 * i + 1] = make_uint4(r[4], r[5], r[6], r[7]);
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const uint32_t i = base + u * stride;
+      if (i < n_vec) {
+        uint32_t lo, hi;
+        shifted_table(k[u], lo, hi);
+        out[i] = make_uint4(cast4(p[u].x & 0xFFFFu, lo, hi), cast4(p[u].x >> 16, lo, hi),
+                            cast4(p[u].y & 0xFFFFu, lo, hi), cast4(p[u].y >> 16, lo, hi));
+      }
+    }
   }
 }
 
@@ -68,12 +80,14 @@ extern "C" int fp_export_fp4_to_fp8(const uint8_t* packed, const int8_t* shift, 
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const int threads = 256;
-  const bool aligned = (reinterpret_cast<uintptr_t>(packed) % 16 == 0) && (reinterpret_cast<uintptr_t>(out) % 16 == 0);
-  if (group % 32 == 0 && aligned) {
-    const int64_t n_vec = rows * cols / 32;
-    const int64_t blocks = std::min<int64_t>((n_vec + threads - 1) / threads, static_cast<int64_t>(sms) * 16);
-    fp4_to_fp8_vec<<<blocks, threads, 0, stream>>>(reinterpret_cast<const uint4*>(packed), shift,
-                                                   reinterpret_cast<uint4*>(out), n_vec, group / 32);
+  const bool aligned = (reinterpret_cast<uintptr_t>(packed) % 8 == 0) && (reinterpret_cast<uintptr_t>(out) % 16 == 0);
+  const int64_t n_vec = rows * cols / 16;
+  if (group % 16 == 0 && aligned && n_vec < (int64_t{1} << 32)) {
+    const int64_t per_step = static_cast<int64_t>(threads) * UNROLL;
+    const int64_t blocks = std::min<int64_t>((n_vec + per_step - 1) / per_step, static_cast<int64_t>(sms) * 32);
+    fp4_to_fp8_vec<<<blocks, threads, 0, stream>>>(reinterpret_cast<const uint2*>(packed), shift,
+                                                   reinterpret_cast<uint4*>(out), static_cast<uint32_t>(n_vec),
+                                                   static_cast<uint32_t>(group / 16));
   } else {
     const int64_t n_bytes = rows * cols / 2;
     const int64_t blocks = std::min<int64_t>((n_bytes + threads - 1) / threads, static_cast<int64_t>(sms) * 16);

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp_export.formats import FP8_E4M3, round_to_grid
+from fp_export.formats import FP8_E4M3, pack_nibbles, round_to_grid
 from fp_export.qlinear import QuantLinear
 from fp_export.runtime.kernels import fp4_to_fp8
 from fp_export.scales import shift_cast_params, token_scales
@@ -52,13 +52,7 @@ class GpuQuantLinear(nn.Module):
         self.register_buffer("static_scale", ql.input_scale if act is not None and act.granularity == "tensor" else None)
         if self.fp8_act and qw is not None and qw.fmt.name == "fp4_e2m1" and qw.constraint != "none":
             shift, dq = shift_cast_params(qw.scale_exp, qw.row_scale)
-            from fp_export.formats import pack_nibbles
-
-            self.kind = "fp4_shift"
-            self.group_size = self.in_features // shift.shape[1]
-            self.register_buffer("packed", pack_nibbles(qw.codes))
-            self.register_buffer("shift", shift)
-            self.register_buffer("w_scale", dq)
+            self._set_fp4(pack_nibbles(qw.codes), shift, dq)
         elif self.fp8_act and qw is not None and qw.fmt.name == "fp8_e4m3" and qw.scale.shape[1] == 1:
             self.kind = "fp8"
             self.register_buffer("w_fp8_bits", qw.codes)
@@ -68,6 +62,27 @@ class GpuQuantLinear(nn.Module):
         self.register_buffer("bias", ql.bias)
         self.register_buffer("lorc_u", ql.lorc_u)
         self.register_buffer("lorc_v", ql.lorc_v)
+
+    def _set_fp4(self, packed: torch.Tensor, shift: torch.Tensor, w_scale: torch.Tensor) -> None:
+        self.kind = "fp4_shift"
+        self.group_size = self.in_features // shift.shape[1]
+        self.register_buffer("packed", packed)
+        self.register_buffer("shift", shift)
+        self.register_buffer("w_scale", w_scale)
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, shift: torch.Tensor, w_scale: torch.Tensor,
+                    mode: str = "fused") -> "GpuQuantLinear":
+        """A W4A8 layer straight from shift-cast parameters (packed uint8 [N, K/2], shift int8
+        [N, K/G], w_scale float32 [N]); FP8 token-wise activations, no bias or LoRC."""
+        from fp_export.recipe import ActivationConfig
+
+        n, k = packed.shape[0], packed.shape[1] * 2
+        stub = QuantLinear(torch.zeros(n, 2), None, ActivationConfig(format="fp8_e4m3"))
+        self = cls(stub, mode)
+        self.in_features = k
+        self._set_fp4(packed, shift, w_scale)
+        return self
 
     def fp8_weight(self) -> torch.Tensor:
         """E4M3 weight [N, K] (uint8 bits on CPU, float8_e4m3fn on CUDA)."""

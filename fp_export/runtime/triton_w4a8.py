@@ -26,7 +26,7 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    M, G = named_args["M"], named_args["GROUP"]
+    M, G = named_args["M"], kwargs.get("GROUP", named_args.get("GROUP"))
     keep = [c for c in configs if G % c.kwargs["BLOCK_K"] == 0
             and (c.kwargs["BLOCK_M"] <= 32) == (M <= 32)]
     return keep or [c for c in configs if G % c.kwargs["BLOCK_K"] == 0]
@@ -100,7 +100,7 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, FMAX: tl.cons
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-        y = tl.clamp(x / s, -FMAX, FMAX)
+        y = tl.clamp(tl.math.div_rn(x, s), -FMAX, FMAX)
         tl.store(q_ptr + row * stride_q + offs, y.to(tl.float8e4nv), mask=offs < K)
 
 
