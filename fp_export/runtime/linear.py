@@ -1,8 +1,9 @@
 """``GpuQuantLinear``: a ``QuantLinear`` as the H100 runs it.
 
 FP4 weights under M1/M2 stay packed (0.5 byte per weight) with int8 shifts; each forward either
-runs the fused Triton W4A8 GEMM (``mode="fused"``) or the CUDA shift-cast kernel into an FP8 weight
-followed by ``torch._scaled_mm`` (``mode="cast"``). FP8 weights per channel go straight to
+runs the fused Triton W4A8 GEMM on the kernel's split layout (``mode="fused"``), or the CUDA
+shift-cast kernel into an FP8 weight followed by ``torch._scaled_mm`` (``mode="cast"``), or picks
+per call by the number of tokens (``mode="auto"``, which keeps both layouts: 1 byte per weight). FP8 weights per channel go straight to
 ``_scaled_mm``. Activations are quantized token-wise (or with the static scale) to FP8 E4M3; the
 token scale and the per-channel weight scale are applied in the GEMM epilogue. Other weight grids
 (INT4/INT8, unconstrained FP4, grouped FP8) run as dequantized bf16 weights. On CPU tensors every
@@ -18,10 +19,12 @@ from torch import nn
 from fp_export.formats import FP8_E4M3, pack_nibbles, round_to_grid
 from fp_export.qlinear import QuantLinear
 from fp_export.runtime.kernels import fp4_to_fp8
+from fp_export.runtime.layout import repack_split, unsplit
 from fp_export.scales import shift_cast_params, token_scales
 from fp_export.weights import QuantizedWeight
 
-MODES = ("fused", "cast")
+MODES = ("fused", "cast", "auto")
+AUTO_FUSED_MAX_M = 64  # "auto": the fused kernel up to this many tokens, cast + _scaled_mm beyond
 
 
 def quantize_tokens(x: torch.Tensor, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +69,8 @@ class GpuQuantLinear(nn.Module):
     def _set_fp4(self, packed: torch.Tensor, shift: torch.Tensor, w_scale: torch.Tensor) -> None:
         self.kind = "fp4_shift"
         self.group_size = self.in_features // shift.shape[1]
-        self.register_buffer("packed", packed)
+        self.register_buffer("packed", packed if self.mode != "fused" else None)
+        self.register_buffer("split", repack_split(packed) if self.mode != "cast" else None)
         self.register_buffer("shift", shift)
         self.register_buffer("w_scale", w_scale)
 
@@ -86,7 +90,11 @@ class GpuQuantLinear(nn.Module):
 
     def fp8_weight(self) -> torch.Tensor:
         """E4M3 weight [N, K] (uint8 bits on CPU, float8_e4m3fn on CUDA)."""
-        bits = fp4_to_fp8(self.packed, self.shift, self.group_size) if self.kind == "fp4_shift" else self.w_fp8_bits
+        if self.kind == "fp4_shift":
+            packed = self.packed if self.packed is not None else unsplit(self.split)
+            bits = fp4_to_fp8(packed, self.shift, self.group_size)
+        else:
+            bits = self.w_fp8_bits
         return bits.view(torch.float8_e4m3fn) if bits.is_cuda else bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,10 +109,11 @@ class GpuQuantLinear(nn.Module):
 
             w = decode(self.fp8_weight(), FP8_E4M3)
             y = (xq @ w.T) * s[:, None] * self.w_scale[None, :]
-        elif self.kind == "fp4_shift" and self.mode == "fused":
+        elif self.kind == "fp4_shift" and (self.mode == "fused" or
+                                            (self.mode == "auto" and x2.shape[0] <= AUTO_FUSED_MAX_M)):
             from fp_export.runtime.triton_w4a8 import w4a8_matmul
 
-            y = w4a8_matmul(xq, s, self.packed, self.shift, self.w_scale, self.group_size).float()
+            y = w4a8_matmul(xq, s, self.split, self.shift, self.w_scale, self.group_size).float()
         else:
             y = torch._scaled_mm(xq, self.fp8_weight().t(), scale_a=s[:, None], scale_b=self.w_scale[None, :],
                                  out_dtype=torch.bfloat16).float()
