@@ -1,7 +1,7 @@
 """LoRC, low-rank compensation (ZeroQuant-V2, arXiv 2303.08302).
 
 The quantization error E = W - dequant(Q) [out, in] is approximated by its rank-r truncated SVD
-U_r S_r V_r^T, kept as two factors u = U_r S_r^1/2 [out, r] and v = S_r^1/2 V_r^T [r, in]; the layer
+U_r S_r V_r^T (top singular triplets from the eigen-decomposition of the smaller Gram matrix), kept as two factors u = U_r S_r^1/2 [out, r] and v = S_r^1/2 V_r^T [r, in]; the layer
 computes x W_q^T + (x v^T) u^T. Factors may themselves be stored on an 8-bit grid with one scale
 per factor row (u: [out], v: [r]); their dequantized values are what the forward pass uses.
 """
@@ -56,13 +56,35 @@ def _quant_rows(x: torch.Tensor, fmt_name: str) -> tuple[torch.Tensor, torch.Ten
     return encode(x / scale[:, None], fmt), scale
 
 
+def top_singular(error: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` singular triplets (U [out, r], S [r], Vh [r, in]) of ``error`` in float64, from
+    the eigen-decomposition of the smaller Gram matrix (deterministic; each right singular vector's
+    largest-magnitude entry made positive)."""
+    e = error.double()
+    tall = e.shape[0] >= e.shape[1]
+    gram = e.T @ e if tall else e @ e.T
+    vals, vecs = torch.linalg.eigh(gram)
+    vals, vecs = vals.flip(0)[:rank].clamp(min=0), vecs.flip(1)[:, :rank]
+    s = vals.sqrt()
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    if tall:
+        v = vecs
+        u = (e @ v) / safe
+    else:
+        u = vecs
+        v = (e.T @ u) / safe
+    sign = torch.sign(v.gather(0, v.abs().argmax(0, keepdim=True)))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return u * sign, s, (v * sign).T
+
+
 def lorc_factors(error: torch.Tensor, rank: int, factor_format: str = "none") -> LoRCFactors:
-    """Rank-``rank`` factors of ``error`` [out, in] (float64 SVD, float32 factors)."""
+    """Rank-``rank`` factors of ``error`` [out, in] (float64 decomposition, float32 factors)."""
     rank = min(rank, *error.shape)
-    U, S, Vh = torch.linalg.svd(error.double(), full_matrices=False)
-    root = S[:rank].sqrt()
-    u = (U[:, :rank] * root).float()
-    v = (root[:, None] * Vh[:rank]).float()
+    U, S, Vh = top_singular(error, rank)
+    root = S.sqrt()
+    u = (U * root).float()
+    v = (root[:, None] * Vh).float()
     if factor_format == "none":
         return LoRCFactors(u, v)
     uc, us = _quant_rows(u, factor_format)

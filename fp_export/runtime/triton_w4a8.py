@@ -126,20 +126,88 @@ def _w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, shift_ptr, w_scale_ptr, bias_ptr, c_
              mask=m_ok[:, None] & n_ok[None, :])
 
 
+def _small_configs():
+    return [triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=4, num_stages=st)
+            for bn in (64, 128) for sk in (1, 2, 4, 8) for st in (4, 6)]
+
+
+def _small_prune(configs, named_args, **kwargs):
+    K = named_args["K"]
+    return [c for c in configs if K % (c.kwargs["SPLIT_K"] * BLOCK_K) == 0]
+
+
+@triton.autotune(configs=_small_configs(), key=["M", "N", "K", "GROUP"], reset_to_zero=["c_ptr"],
+                 prune_configs_by={"early_config_prune": _small_prune})
+@triton.jit
+def _w4a8_small_m_kernel(a_ptr, a_scale_ptr, w_ptr, shift_ptr, w_scale_ptr, bias_ptr, c_ptr, M, N, K,
+                         stride_am, stride_wn, stride_sn, stride_cm,
+                         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr = BLOCK_K):
+    """Few tokens: C^T = W A^T, so the decoded weights are the MMA's M side (64+ rows per
+    warpgroup) and the tokens its N side; K split over SPLIT_K programs that add into float32 C."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_h = tl.arange(0, HALF)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    k_len = K // SPLIT_K
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(pid_k * k_len, (pid_k + 1) * k_len, BLOCK_K):
+        a_lo = tl.load(a_ptr + offs_m[:, None] * stride_am + (k0 + offs_h)[None, :], mask=m_ok[:, None], other=0.0)
+        a_hi = tl.load(a_ptr + offs_m[:, None] * stride_am + (k0 + HALF + offs_h)[None, :], mask=m_ok[:, None],
+                       other=0.0)
+        p = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 // 2 + offs_h)[None, :], mask=n_ok[:, None], other=0)
+        k = tl.load(shift_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_ok, other=0)
+        kb = tl.broadcast_to(k[:, None], (BLOCK_N, HALF)).to(tl.uint8, bitcast=True)
+        w_lo, w_hi = tl.inline_asm_elementwise(_DECODE_ASM, "=r,=r,r,r", [p, kb],
+                                               dtype=(tl.uint8, tl.uint8), is_pure=True, pack=4)
+        acc = tl.dot(w_lo.to(tl.float8e4nv, bitcast=True), tl.trans(a_lo), acc)
+        acc = tl.dot(w_hi.to(tl.float8e4nv, bitcast=True), tl.trans(a_hi), acc)
+    a_scale = tl.load(a_scale_ptr + offs_m, mask=m_ok, other=0.0)
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0)
+    acc = acc * w_scale[:, None] * a_scale[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok & (pid_k == 0), other=0.0)
+        acc += bias[:, None]
+    ptrs = c_ptr + offs_m[None, :] * stride_cm + offs_n[:, None]
+    mask = n_ok[:, None] & m_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc, mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask)
+
+
+SMALL_M = 64  # at most this many tokens take the swapped, split-K kernel
+
+
 def w4a8_matmul(a_fp8: torch.Tensor, a_scale: torch.Tensor, split: torch.Tensor, shift: torch.Tensor,
                 w_scale: torch.Tensor, group_size: int, bias: torch.Tensor | None = None,
                 asm: bool = True) -> torch.Tensor:
     """a_fp8 float8_e4m3fn [M, K], a_scale float32 [M], split uint8 [N, K/2] (``repack_split`` of
     the standard packing), shift int8 [N, K/G], w_scale float32 [N], bias float32 [N] or None ->
-    bfloat16 [M, N]. ``asm``: decode with the packed PTX routine (else plain Triton integer ops)."""
+    [M, N]: float32 for M <= SMALL_M (split-K kernel; float atomics, so the summation order may vary
+    between runs), else bfloat16. ``asm``: decode with the packed PTX routine (else plain Triton
+    integer ops; large-M kernel only)."""
     M, K = a_fp8.shape
     N = split.shape[0]
     if split.shape[1] * 2 != K or K % group_size or group_size % BLOCK_K:
         raise ValueError(f"w4a8_matmul: K={K}, weights {tuple(split.shape)}, group {group_size} "
                          f"(needs a multiple of {BLOCK_K})")
+    bias_arg = bias if bias is not None else w_scale
+    if M <= SMALL_M and asm:
+        c = torch.zeros(M, N, dtype=torch.float32, device=a_fp8.device)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+        _w4a8_small_m_kernel[grid](a_fp8, a_scale, split, shift, w_scale, bias_arg, c, M, N, K,
+                                   a_fp8.stride(0), split.stride(0), shift.stride(0), c.stride(0),
+                                   GROUP=group_size, HAS_BIAS=bias is not None,
+                                   BLOCK_M=max(16, triton.next_power_of_2(M)))
+        return c
     c = torch.empty(M, N, dtype=torch.bfloat16, device=a_fp8.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _w4a8_kernel[grid](a_fp8, a_scale, split, shift, w_scale, bias if bias is not None else w_scale, c, M, N, K,
+    _w4a8_kernel[grid](a_fp8, a_scale, split, shift, w_scale, bias_arg, c, M, N, K,
                        a_fp8.stride(0), split.stride(0), shift.stride(0), c.stride(0),
                        GROUP=group_size, HAS_BIAS=bias is not None, ASM=asm)
     return c

@@ -1,0 +1,33 @@
+"""Shared fixtures: small, fast quantizations of the embedded default model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fp_export.model import DEFAULT_MODEL
+from fp_export.pipeline import quantize_to_checkpoint
+from fp_export.recipe import load_recipe
+
+FAST_CAL = {"nsamples": 4, "seqlen": 128}
+
+
+def fast_recipe(name: str):
+    r = load_recipe(name)
+    return r.model_copy(update={"calibration": r.calibration.model_copy(update=FAST_CAL)})
+
+
+@pytest.fixture(scope="session")
+def quantized(tmp_path_factory):
+    """``quantized(name)`` -> checkpoint dir of the default model under recipe ``name`` (cached)."""
+    root = tmp_path_factory.mktemp("ckpts")
+    cache: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in cache:
+            quantize_to_checkpoint(DEFAULT_MODEL, fast_recipe(name), root / name, eval_text=None)
+            cache[name] = root / name
+        return cache[name]
+
+    return make

@@ -1,0 +1,80 @@
+"""Scales and the M1/M2 constraints; exactness of the shift cast for every pair the quantizer emits."""
+
+import pytest
+import torch
+
+from fp_export.formats import FP4_E2M1, FP8_E4M3, decode, pack_nibbles
+from fp_export.scales import (SHIFT_MAX, SHIFT_MIN, SHIFT_WINDOW, ceil_log2, group_amax, shift_cast_params,
+                              token_scales, weight_scales)
+from fp_export.shiftcast import fp4_code_to_fp8_bits, fp4_to_fp8
+from fp_export.weights import rtn_quantize
+
+
+def test_every_code_and_shift_is_exact_in_e4m3():
+    codes = torch.arange(16, dtype=torch.uint8)
+    for k in range(SHIFT_MIN, SHIFT_MAX + 1):
+        bits = fp4_code_to_fp8_bits(codes, torch.tensor(k))
+        want = decode(codes, FP4_E2M1) * 2.0**k
+        assert torch.equal(decode(bits, FP8_E4M3), want), k  # value exact
+        assert torch.equal(bits, want.to(torch.float8_e4m3fn).view(torch.uint8)), k  # same bits as torch's cast
+        assert not torch.isnan(decode(bits, FP8_E4M3)).any()
+
+
+def test_shift_range_is_tight():
+    # one step outside loses exactness (0.5 * 2^-6 is an E4M3 subnormal, 6 * 2^7 overflows 448)
+    assert 0.5 * 2.0 ** (SHIFT_MIN - 1) < 2.0**-6
+    assert 6 * 2.0 ** (SHIFT_MAX + 1) > FP8_E4M3.max
+
+
+def test_ceil_log2_is_exact():
+    a = torch.tensor([1.0, 2.0, 3.0, 0.25, 0.3, 2.0**-20, 1.0000001])
+    assert ceil_log2(a).tolist() == [0, 1, 2, -2, -1, -20, 1]
+
+
+@pytest.mark.parametrize("constraint", ["m1", "m2"])
+@pytest.mark.parametrize("group", [256, 64, None])
+def test_constrained_scales_and_shift_cast_reproduce_dequantized_weights(constraint, group):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 512, generator=g) * torch.logspace(-4, 0, 512)[None, :]  # wide dynamic range
+    w[3] = 0  # an all-zero row
+    qw = rtn_quantize(w, "fp4_e2m1", group, constraint)
+    exp = qw.scale_exp.int()
+    if constraint == "m2":
+        assert exp.max() <= 0 and exp.min() >= 1 - SHIFT_WINDOW
+        assert torch.equal(qw.scale, torch.ldexp(torch.ones_like(qw.scale), exp.float()) * qw.row_scale[:, None])
+    else:
+        assert (exp.amax(1) - exp.amin(1)).max() < SHIFT_WINDOW
+        assert torch.equal(qw.scale, torch.ldexp(torch.ones_like(qw.scale), exp.float()))
+    # no clipping: every group's absmax fits into the grid at its scale
+    assert (group_amax(w, group) <= qw.scale * FP4_E2M1.max * (1 + 1e-6)).all()
+    shift, dq = shift_cast_params(qw.scale_exp, qw.row_scale)
+    assert shift.min() >= SHIFT_MIN and shift.max() <= SHIFT_MAX
+    gs = 512 if group is None else group
+    fp8 = decode(fp4_to_fp8(pack_nibbles(qw.codes), shift, gs), FP8_E4M3)
+    assert torch.equal(fp8 * dq[:, None], qw.dequantize())
+
+
+def test_unconstrained_scales_are_absmax_over_max():
+    w = torch.randn(8, 512)
+    scale, exp, _ = weight_scales(w, FP4_E2M1, 256, "none")
+    assert exp is None
+    assert torch.allclose(scale, group_amax(w, 256) / 6)
+
+
+def test_constraints_need_fp4_and_dividing_groups():
+    with pytest.raises(ValueError, match="fp4_e2m1"):
+        weight_scales(torch.randn(4, 256), FP8_E4M3, 256, "m2")
+    with pytest.raises(ValueError, match="does not divide"):
+        group_amax(torch.randn(4, 300), 256)
+
+
+def test_token_scales():
+    x = torch.tensor([[1.0, -448.0 * 2], [0.0, 0.0]])
+    assert torch.equal(token_scales(x, FP8_E4M3)[:, 0], torch.tensor([896.0, 1.0]) / 448)
+
+
+def test_m2_loses_less_than_m1():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(256, 1024, generator=g) * 0.02
+    err = {c: (rtn_quantize(w, "fp4_e2m1", 256, c).dequantize() - w).norm() for c in ("none", "m1", "m2")}
+    assert err["none"] <= err["m2"] < err["m1"]
