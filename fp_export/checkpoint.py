@@ -92,7 +92,8 @@ def write_checkpoint(
         for name in COPIED:
             if (source_dir / name).is_file():
                 shutil.copyfile(source_dir / name, tmp / name)
-        save_file(tensors, tmp / WEIGHTS, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+        # one metadata key: safetensors writes several in hash order, which would break byte identity
+        save_file(tensors, tmp / WEIGHTS, metadata={"format": f"{FORMAT_NAME}/{FORMAT_VERSION}"})
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         manifest = {
             "format": FORMAT_NAME,

@@ -173,6 +173,8 @@ def validate(
     windows: int = typer.Option(16, min=1, help="Number of input windows."),
     seqlen: Optional[int] = typer.Option(None, min=8, help="Window length (default the model's, up to 2048)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    save_inputs: Optional[Path] = typer.Option(None, help="Also write the input windows as Polygraphy JSON "
+                                                           "(for `polygraphy run --load-inputs`)."),
 ):
     """Compare a backend with the PyTorch quantized model (Polygraphy); exit 1 past tolerances."""
     from fp_export.checkpoint import load_checkpoint
@@ -185,6 +187,10 @@ def validate(
         try:
             m, tok, _ = load_checkpoint(model)
             ids = eval_windows(tokenize(tok, load_text(text)), model_seqlen(m, seqlen), windows)
+            if save_inputs is not None:
+                from polygraphy.json import save_json
+
+                save_json([{"input_ids": b.numpy()} for b in ids.split(4)], str(save_inputs))
             if backend == "onnxruntime":
                 if onnx_file is None:
                     raise ValueError("--onnx is required with --backend onnxruntime")

@@ -54,9 +54,9 @@ def test_quantize_rows_matches_reference():
     assert not bad.any(), (int(bad.sum()), x[bad][:4], q.cpu().float()[bad][:4], ref[bad][:4])
 
 
-@pytest.mark.parametrize("asm", [True, False])
+@pytest.mark.parametrize("kernel,asm", [("tile", True), ("tile", False), ("split", True)])
 @pytest.mark.parametrize("m", [1, 16, 100, 512])
-def test_fused_w4a8_matches_reference(m, asm):
+def test_fused_w4a8_matches_reference(m, kernel, asm):
     from fp_export.runtime.layout import repack_split
     from fp_export.runtime.triton_w4a8 import quantize_rows_fp8, w4a8_matmul
 
@@ -69,7 +69,7 @@ def test_fused_w4a8_matches_reference(m, asm):
     x = torch.randn(m, k, generator=g)
     xq, xs = quantize_rows_fp8(x.cuda())
     got = w4a8_matmul(xq, xs, repack_split(packed).cuda(), shift.cuda(), w_scale.cuda(), 256, bias.cuda(),
-                      asm=asm).float().cpu()
+                      asm=asm, kernel=kernel).float().cpu()
     w = decode(reference_cast(packed, shift, 256), FP8_E4M3).double()
     ref = (xq.cpu().double() @ w.T) * xs.cpu().double()[:, None] * w_scale.double()[None, :] + bias.double()
     rel = (got.double() - ref).norm() / ref.norm()

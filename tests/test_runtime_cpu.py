@@ -51,7 +51,7 @@ def test_runtime_cpu_fallback_matches_reference_model(quantized, recipe, kind):
 def test_runtime_rejects_unknown_mode(quantized):
     ql = load_checkpoint(quantized("w4a8-fp4-m2"))[0].model.layers[0].mlp.up_proj
     with pytest.raises(ValueError, match="mode"):
-        GpuQuantLinear(ql, "turbo")
+        GpuQuantLinear.from_quant_linear(ql, "turbo")
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")

@@ -18,10 +18,10 @@ from torch import nn
 
 from fp_export.formats import FP8_E4M3, pack_nibbles, round_to_grid
 from fp_export.qlinear import QuantLinear
+from fp_export.recipe import ActivationConfig
 from fp_export.runtime.kernels import fp4_to_fp8
 from fp_export.runtime.layout import repack_split, unsplit
 from fp_export.scales import shift_cast_params, token_scales
-from fp_export.weights import QuantizedWeight
 
 MODES = ("fused", "cast", "auto")
 AUTO_FUSED_MAX_M = 64  # "auto": the fused kernel up to this many tokens, cast + _scaled_mm beyond
@@ -40,31 +40,50 @@ def quantize_tokens(x: torch.Tensor, static_scale: torch.Tensor | None) -> tuple
 
 
 class GpuQuantLinear(nn.Module):
-    def __init__(self, ql: QuantLinear, mode: str = "fused"):
+    """Build with ``from_quant_linear`` (a checkpoint's layer) or ``from_packed`` (raw W4A8 data)."""
+
+    def __init__(self, in_features: int, out_features: int, mode: str = "fused",
+                 act: ActivationConfig | None = None, static_scale: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, lorc_u: torch.Tensor | None = None,
+                 lorc_v: torch.Tensor | None = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: choose one of {MODES}")
         self.mode = mode
-        self.in_features, self.out_features = ql.in_features, ql.out_features
-        act = ql.act
-        self.fp8_act = act is not None and act.format == "fp8_e4m3"
+        self.in_features, self.out_features = in_features, out_features
         self.act = act
-        qw: QuantizedWeight | None = ql.qweight
         self.kind = "dense"
         self.group_size = None
-        self.register_buffer("static_scale", ql.input_scale if act is not None and act.granularity == "tensor" else None)
-        if self.fp8_act and qw is not None and qw.fmt.name == "fp4_e2m1" and qw.constraint != "none":
+        self.register_buffer("static_scale", static_scale)
+        self.register_buffer("bias", bias)
+        self.register_buffer("lorc_u", lorc_u)
+        self.register_buffer("lorc_v", lorc_v)
+
+    @classmethod
+    def from_quant_linear(cls, ql: QuantLinear, mode: str = "fused") -> "GpuQuantLinear":
+        act, qw = ql.act, ql.qweight
+        static = ql.input_scale if act is not None and act.granularity == "tensor" else None
+        self = cls(ql.in_features, ql.out_features, mode, act, static, ql.bias, ql.lorc_u, ql.lorc_v)
+        fp8_act = act is not None and act.format == "fp8_e4m3"
+        if fp8_act and qw is not None and qw.fmt.name == "fp4_e2m1" and qw.constraint != "none":
             shift, dq = shift_cast_params(qw.scale_exp, qw.row_scale)
             self._set_fp4(pack_nibbles(qw.codes), shift, dq)
-        elif self.fp8_act and qw is not None and qw.fmt.name == "fp8_e4m3" and qw.scale.shape[1] == 1:
+        elif fp8_act and qw is not None and qw.fmt.name == "fp8_e4m3" and qw.scale.shape[1] == 1:
             self.kind = "fp8"
             self.register_buffer("w_fp8_bits", qw.codes)
             self.register_buffer("w_scale", qw.scale[:, 0].contiguous())
         else:
-            self.source = ql
-        self.register_buffer("bias", ql.bias)
-        self.register_buffer("lorc_u", ql.lorc_u)
-        self.register_buffer("lorc_v", ql.lorc_v)
+            self.source = ql  # other grids: the reference layer, run as is
+        return self
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, shift: torch.Tensor, w_scale: torch.Tensor,
+                    mode: str = "fused") -> "GpuQuantLinear":
+        """A W4A8 layer straight from shift-cast parameters (packed uint8 [N, K/2], shift int8
+        [N, K/G], w_scale float32 [N]); FP8 token-wise activations, no bias or LoRC."""
+        self = cls(packed.shape[1] * 2, packed.shape[0], mode, ActivationConfig(format="fp8_e4m3"))
+        self._set_fp4(packed, shift, w_scale)
+        return self
 
     def _set_fp4(self, packed: torch.Tensor, shift: torch.Tensor, w_scale: torch.Tensor) -> None:
         self.kind = "fp4_shift"
@@ -73,20 +92,6 @@ class GpuQuantLinear(nn.Module):
         self.register_buffer("split", repack_split(packed) if self.mode != "cast" else None)
         self.register_buffer("shift", shift)
         self.register_buffer("w_scale", w_scale)
-
-    @classmethod
-    def from_packed(cls, packed: torch.Tensor, shift: torch.Tensor, w_scale: torch.Tensor,
-                    mode: str = "fused") -> "GpuQuantLinear":
-        """A W4A8 layer straight from shift-cast parameters (packed uint8 [N, K/2], shift int8
-        [N, K/G], w_scale float32 [N]); FP8 token-wise activations, no bias or LoRC."""
-        from fp_export.recipe import ActivationConfig
-
-        n, k = packed.shape[0], packed.shape[1] * 2
-        stub = QuantLinear(torch.zeros(n, 2), None, ActivationConfig(format="fp8_e4m3"))
-        self = cls(stub, mode)
-        self.in_features = k
-        self._set_fp4(packed, shift, w_scale)
-        return self
 
     def fp8_weight(self) -> torch.Tensor:
         """E4M3 weight [N, K] (uint8 bits on CPU, float8_e4m3fn on CUDA)."""
@@ -132,7 +137,7 @@ def to_gpu_runtime(model: nn.Module, mode: str = "fused", device: str = "cuda") 
 
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear):
-            set_module(model, name, GpuQuantLinear(m, mode))
+            set_module(model, name, GpuQuantLinear.from_quant_linear(m, mode))
     if device != "cpu":
         for m in model.modules():
             if not isinstance(m, GpuQuantLinear):

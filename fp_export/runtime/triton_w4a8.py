@@ -180,24 +180,28 @@ def _w4a8_small_m_kernel(a_ptr, a_scale_ptr, w_ptr, shift_ptr, w_scale_ptr, bias
         tl.atomic_add(ptrs, acc, mask=mask)
 
 
-SMALL_M = 64  # at most this many tokens take the swapped, split-K kernel
+SMALL_M = 64  # at most this many tokens may take the swapped, split-K kernel
+SPLIT_MIN_WEIGHTS = 48 * 2**20  # ... when the weight has at least this many elements (H100: 8192^2 yes, 4096^2 no)
 
 
 def w4a8_matmul(a_fp8: torch.Tensor, a_scale: torch.Tensor, split: torch.Tensor, shift: torch.Tensor,
                 w_scale: torch.Tensor, group_size: int, bias: torch.Tensor | None = None,
-                asm: bool = True) -> torch.Tensor:
+                asm: bool = True, kernel: str = "auto") -> torch.Tensor:
     """a_fp8 float8_e4m3fn [M, K], a_scale float32 [M], split uint8 [N, K/2] (``repack_split`` of
     the standard packing), shift int8 [N, K/G], w_scale float32 [N], bias float32 [N] or None ->
-    [M, N]: float32 for M <= SMALL_M (split-K kernel; float atomics, so the summation order may vary
-    between runs), else bfloat16. ``asm``: decode with the packed PTX routine (else plain Triton
-    integer ops; large-M kernel only)."""
+    [M, N]. ``kernel``: "split" (swapped split-K, float32 out; float atomics, so the summation
+    order may vary between runs), "tile" (bfloat16 out) or "auto" (split for at most SMALL_M tokens
+    and weights of at least SPLIT_MIN_WEIGHTS elements, as measured in tools/bench_kernels.py).
+    ``asm``: tile kernel decodes with the packed PTX routine (else plain Triton integer ops)."""
     M, K = a_fp8.shape
     N = split.shape[0]
     if split.shape[1] * 2 != K or K % group_size or group_size % BLOCK_K:
         raise ValueError(f"w4a8_matmul: K={K}, weights {tuple(split.shape)}, group {group_size} "
                          f"(needs a multiple of {BLOCK_K})")
     bias_arg = bias if bias is not None else w_scale
-    if M <= SMALL_M and asm:
+    if kernel == "auto":
+        kernel = "split" if M <= SMALL_M and N * K >= SPLIT_MIN_WEIGHTS and asm else "tile"
+    if kernel == "split":
         c = torch.zeros(M, N, dtype=torch.float32, device=a_fp8.device)
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
         _w4a8_small_m_kernel[grid](a_fp8, a_scale, split, shift, w_scale, bias_arg, c, M, N, K,
