@@ -60,11 +60,13 @@ class QuantLinear(nn.Module):
         if act is not None and act.granularity == "tensor" and input_scale is None:
             raise ValueError("static (per-tensor) activation quantization needs input_scale")
         self.lorc = lorc
-        self.register_buffer("weight", w, persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
+        # contiguous: a strided operand can take another BLAS path and round differently, and the
+        # forward must be the same whether the layer was just quantized or loaded from a checkpoint
+        self.register_buffer("weight", w.contiguous(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous(), persistent=False)
         self.register_buffer("input_scale", input_scale, persistent=False)
-        self.register_buffer("lorc_u", None if lorc is None else lorc.u, persistent=False)
-        self.register_buffer("lorc_v", None if lorc is None else lorc.v, persistent=False)
+        self.register_buffer("lorc_u", None if lorc is None else lorc.u.contiguous(), persistent=False)
+        self.register_buffer("lorc_v", None if lorc is None else lorc.v.contiguous(), persistent=False)
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [..., in] float32 -> (GEMM operand, per-token scale [..., 1] for the epilogue or None)."""

@@ -2,7 +2,7 @@
 
 Both runners see the same inputs: windows of the held-out text. Reported: max abs logit error and
 the same relative to the largest reference logit, top-1 agreement, perplexity of each, and the PyTorch model's own noise floor (top-1
-agreement of the model against itself with its embedding table nudged by one float32 ulp), since
+agreement of the model against itself with every weight nudged by one float32 ulp), since
 dynamic activation quantization turns float32 rounding differences into grid flips that no two
 backends avoid. Tolerances (``Tolerances``): perplexity within 0.5%, top-1 agreement at least
 min(0.99, noise floor - 0.005).
@@ -27,7 +27,6 @@ from polygraphy.comparator import Comparator
 from polygraphy.logger import G_LOGGER
 from torch import nn
 
-from fp_export.export.onnx import CUSTOM_DOMAIN
 from fp_export.export.reference import to_reference
 
 
@@ -69,7 +68,8 @@ class Tolerances:
 
 
 def load_onnx_for_ort(path: Path) -> onnx.ModelProto:
-    """Load and check an exported graph; custom nodes are replaced by their reference subgraphs."""
+    """Load and check an exported graph; nodes ONNX Runtime cannot run (custom ``Fp4ToFp8``, FP4
+    DequantizeLinear) are replaced by their reference subgraphs."""
     path = Path(path)
     if not path.is_file():
         raise OnnxFileError(f"{path}: no such ONNX file")
@@ -82,9 +82,7 @@ def load_onnx_for_ort(path: Path) -> onnx.ModelProto:
     outs = [o.name for o in proto.graph.output]
     if names != ["input_ids"] or outs != ["logits"]:
         raise OnnxFileError(f"{path}: expected input_ids -> logits, found {names} -> {outs} (not an fp-export graph)")
-    if any(n.domain == CUSTOM_DOMAIN for n in proto.graph.node):
-        proto = to_reference(proto)
-    return proto
+    return to_reference(proto)
 
 
 def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
@@ -93,19 +91,32 @@ def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
                                                    torch.from_numpy(ids[:, 1:]).reshape(-1), reduction="sum"))
 
 
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    """Every float tensor the forward multiplies by: parameters and QuantLinear's dequantized
+    weights and LoRC factors (buffers)."""
+    out = [p for p in model.parameters() if p.is_floating_point()]
+    out += [b for name, b in model.named_buffers() if b.is_floating_point() and name.rsplit(".", 1)[-1]
+            in ("weight", "lorc_u", "lorc_v")]
+    return out
+
+
 def noise_floor(model: nn.Module, batches: list[np.ndarray]) -> float:
-    """Top-1 agreement of ``model`` with itself after a one-ulp nudge of the embedding table."""
-    emb = model.get_input_embeddings().weight
-    saved = emb.detach().clone()
+    """Top-1 agreement of ``model`` with itself after every weight is nudged by one float32 ulp:
+    a rounding-level perturbation at every layer, the size of the differences between two
+    correct backends."""
+    tensors = _weights(model)
+    saved = [t.detach().clone() for t in tensors]
     run = lambda b: model(torch.from_numpy(b), use_cache=False).logits.numpy().argmax(-1)  # noqa: E731
     try:
         with torch.no_grad():
             clean = [run(b) for b in batches]
-            emb.copy_(torch.nextafter(saved, torch.full_like(saved, float("inf"))))
+            for t, s in zip(tensors, saved):
+                t.copy_(torch.nextafter(s, torch.full_like(s, float("inf"))))
             agree = [(run(b) == c).mean() for b, c in zip(batches, clean)]
     finally:
         with torch.no_grad():
-            emb.copy_(saved)
+            for t, s in zip(tensors, saved):
+                t.copy_(s)
     return float(np.mean(agree))
 
 
