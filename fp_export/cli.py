@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -237,7 +236,3 @@ def build(
         err.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2) from None
     out.print(f"wrote {path}")
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    sys.exit(app())

@@ -4,7 +4,6 @@ line, no partial output)."""
 import json
 import shutil
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner

@@ -2,7 +2,6 @@
 
 import ml_dtypes
 import numpy as np
-import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper

@@ -33,8 +33,8 @@ def run(model: Path, recipes: list[str], nsamples: int | None, max_windows: int 
             if nsamples:
                 r = r.model_copy(update={"calibration": r.calibration.model_copy(update={"nsamples": nsamples})})
             t0 = time.time()
-            m = quantize_to_checkpoint(model, r, Path(tmp) / name, max_eval_windows=max_windows)
-            rows.append({"recipe": name, "description": r.description, **m["metrics"],
+            m = quantize_to_checkpoint(model, r, Path(tmp) / r.name, max_eval_windows=max_windows)
+            rows.append({"recipe": r.name, "description": r.description, **m["metrics"],
                          "calibration": f"{m['calibration']['nsamples']}x{m['calibration']['seqlen']}",
                          "seconds": round(time.time() - t0, 1)})
             prog.advance(task)
