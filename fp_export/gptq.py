@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from fp_export.formats import decode, get_format
+from fp_export.formats import get_format
 from fp_export.recipe import GPTQConfig
 from fp_export.scales import Constraint, group_amax, group_scales, row_reference, weight_scales
-from fp_export.weights import QuantizedWeight, quantize_columns
+from fp_export.weights import QuantizedWeight, dequantize, quantize_columns
 
 
 class HessianAccumulator:
@@ -95,7 +95,8 @@ def gptq_quantize(
             s_col = scale[:, g : g + 1]
             c = quantize_columns(W1[:, i : i + 1], s_col, fmt)
             codes[:, orig] = c[:, 0]
-            q = _dequant_col(c, fmt, scale, exp, ref.row_scale, g)
+            q = dequantize(c, fmt, scale[:, g : g + 1], None if exp is None else exp[:, g : g + 1],
+                           ref.row_scale)[:, 0]
             err = (W1[:, i] - q) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
             Err1[:, i] = err
@@ -108,15 +109,3 @@ def _group_now(W: torch.Tensor, W1: torch.Tensor, i: int, col: int, G: int) -> t
     every update so far), those past it from W (updated up to the block's start)."""
     inside = min(G, W1.shape[1] - i)
     return torch.cat([W1[:, i : i + inside], W[:, col + inside : col + G]], dim=1)
-
-
-def _dequant_col(
-    c: torch.Tensor, fmt, scale: torch.Tensor, exp: torch.Tensor | None,
-    row_scale: torch.Tensor | None, g: int,
-) -> torch.Tensor:
-    """Dequantized column [out] by the checkpoint rule (weights.dequantize), for error feedback."""
-    q = decode(c[:, 0], fmt)
-    if exp is None:
-        return q * scale[:, g]
-    w = torch.ldexp(q, exp[:, g].float())
-    return w if row_scale is None else w * row_scale
