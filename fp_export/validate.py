@@ -27,6 +27,7 @@ from polygraphy.comparator import Comparator
 from polygraphy.logger import G_LOGGER
 from torch import nn
 
+from fp_export.evaluate import window_nll
 from fp_export.export.reference import to_reference
 
 
@@ -86,9 +87,8 @@ def load_onnx_for_ort(path: Path) -> onnx.ModelProto:
 
 
 def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
-    lg = torch.from_numpy(logits[:, :-1]).double()
-    return float(torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]),
-                                                   torch.from_numpy(ids[:, 1:]).reshape(-1), reduction="sum"))
+    """Summed next-token NLL of a batch [B, S, V] of windows [B, S] (``evaluate.window_nll`` per row)."""
+    return sum(window_nll(torch.from_numpy(lg[None]), torch.from_numpy(w)) for lg, w in zip(logits, ids))
 
 
 def _weights(model: nn.Module) -> list[torch.Tensor]:
