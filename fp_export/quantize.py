@@ -162,7 +162,7 @@ def quantize_model(
 
 def _calibrate_and_replace(layer: nn.Module, recipe: Recipe, inputs: list, kwargs: dict) -> None:
     """Collect each linear's Hessian and input absmax over the calibration inputs, then replace it.
-    Linears fed the same tensor (q/k/v, gate/up) share one Hessian accumulation."""
+    Linears fed the same tensor (q/k/v, gate/up) share one Hessian and one absmax."""
     targets = linears(layer)
     need_h = recipe.weights is not None and recipe.weights.method == "gptq"
     accs: dict[str, HessianAccumulator] = {}
@@ -178,7 +178,9 @@ def _calibrate_and_replace(layer: nn.Module, recipe: Recipe, inputs: list, kwarg
             x = args[0]
             first = seen.setdefault(id(x), (name, x))[0]
             owner.setdefault(name, first)
-            if need_h and first == name:
+            if first != name:
+                return
+            if need_h:
                 accs.setdefault(name, HessianAccumulator(x.shape[-1])).add(x.detach().float())
             amax[name] = max(amax[name], float(x.detach().abs().max()))
         return hook
@@ -193,4 +195,4 @@ def _calibrate_and_replace(layer: nn.Module, recipe: Recipe, inputs: list, kwarg
         seen.clear()
     for name, m in targets.items():
         h = accs[owner[name]].hessian() if need_h else None
-        set_module(layer, name, quantize_linear(m, recipe, h, amax[name]))
+        set_module(layer, name, quantize_linear(m, recipe, h, amax[owner[name]]))
