@@ -5,7 +5,9 @@ Forward, in float32, as deployed (the exported graph and GPU runtime compute the
 - token-wise dynamic: s = max|x| / max_q per token, x_u = round_to_grid(x / s) on the unit grid,
   y = (x_u W^T (+ (x_u v^T) u^T)) * s + b, i.e. the token scale applied in the GEMM epilogue;
 W is the dequantized weight (``weights.dequantize``), u and v the dequantized LoRC factors.
-Output in the input's dtype.
+Output in the input's dtype. float64 inputs (``fp_export.float64``) are computed in float64, except
+that the quantizers round in float32 as the ONNX QuantizeLinear / DequantizeLinear operators do:
+the static Q/DQ entirely, the token-wise one from the float64 quotient x / s rounded to float32.
 """
 
 from __future__ import annotations
@@ -69,25 +71,27 @@ class QuantLinear(nn.Module):
         self.register_buffer("lorc_v", None if lorc is None else lorc.v.contiguous(), persistent=False)
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [..., in] float32 -> (GEMM operand, per-token scale [..., 1] for the epilogue or None)."""
+        """x [..., in] float32 or float64 -> (GEMM operand in x's dtype, per-token scale [..., 1]
+        for the epilogue or None)."""
         if self.act is None:
             return x, None
         fmt = get_format(self.act.format)
         if self.act.granularity == "tensor":
-            return fake_quantize(x, self.input_scale, fmt), None
+            return fake_quantize(x.float(), self.input_scale.float(), fmt).to(x.dtype), None
         scale = token_scales(x, fmt)
-        return round_to_grid(x / scale, fmt), scale
+        return round_to_grid(x / scale, fmt).to(x.dtype), scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        xq, post = self.quantize_input(x.float())
-        y = F.linear(xq, self.weight)
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        xq, post = self.quantize_input(x.to(compute))
+        y = F.linear(xq, self.weight.to(compute))
         if self.lorc_u is not None:
-            y = y + F.linear(F.linear(xq, self.lorc_v), self.lorc_u)
+            y = y + F.linear(F.linear(xq, self.lorc_v.to(compute)), self.lorc_u.to(compute))
         if post is not None:
             y = y * post
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(compute)
         return y.to(dtype)
 
     def spec(self) -> LayerSpec:

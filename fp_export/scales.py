@@ -109,8 +109,9 @@ def expand_groups(per_group: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 def token_scales(x: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """Dynamic per-token scales of activations [..., hidden]: float32 [..., 1] = absmax / max."""
-    amax = x.float().abs().amax(dim=-1, keepdim=True)
+    """Dynamic per-token scales of activations [..., hidden]: [..., 1] = absmax / max, in float32
+    (float64 for float64 ``x``: the float64 validation of ``fp_export.float64``)."""
+    amax = (x if x.dtype == torch.float64 else x.float()).abs().amax(dim=-1, keepdim=True)
     return torch.where(amax > 0, amax, torch.ones_like(amax)) / fmt.max
 
 

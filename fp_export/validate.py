@@ -1,11 +1,16 @@
 """Validation of an exported graph against the PyTorch quantized model, through Polygraphy.
 
 Both runners see the same inputs: windows of the held-out text. Reported: max abs logit error and
-the same relative to the largest reference logit, top-1 agreement, perplexity of each, and the PyTorch model's own noise floor (top-1
-agreement of the model against itself with every weight nudged by one float32 ulp), since
-dynamic activation quantization turns float32 rounding differences into grid flips that no two
-backends avoid. Tolerances (``Tolerances``): perplexity within 0.5%, top-1 agreement at least
-min(0.99, noise floor - 0.005).
+the same relative to the largest reference logit, top-1 agreement and perplexity of each.
+Two precisions (``validate_onnx``):
+- float64 (semantics): the graph with its input-dependent arithmetic in float64
+  (``export.float64.to_float64``) against the model in float64 (``float64.float64_model``); the
+  quantizers round in float32 in both. Float32 rounding noise is gone, so any disagreement is a
+  difference of function. Tolerances: perplexity within 0.5%, top-1 agreement >= 99%.
+- float32 (the graph as exported): dynamic activation quantization turns float32 rounding
+  differences between two correct backends into grid flips that cascade, so the report adds the
+  PyTorch model's noise floor (top-1 agreement with itself after every weight is nudged by one
+  float32 ulp) and requires top-1 >= min(0.99, floor - 0.005), perplexity within 0.5%.
 """
 
 from __future__ import annotations
@@ -28,7 +33,11 @@ from polygraphy.logger import G_LOGGER
 from torch import nn
 
 from fp_export.evaluate import window_nll
+from fp_export.export.float64 import to_float64
 from fp_export.export.reference import to_reference
+from fp_export.float64 import float64_model
+
+PRECISIONS = ("float64", "float32")
 
 
 class OnnxFileError(ValueError):
@@ -53,7 +62,8 @@ class TorchRunner(BaseRunner):
         ids = torch.from_numpy(np.asarray(feed_dict["input_ids"])).to(self.device)
         start = time.perf_counter()
         with torch.no_grad():
-            logits = self.model(ids, use_cache=False).logits.float().cpu().numpy()
+            logits = self.model(ids, use_cache=False).logits
+        logits = (logits if logits.dtype == torch.float64 else logits.float()).cpu().numpy()
         self.inference_time = time.perf_counter() - start
         return OrderedDict(logits=logits)
 
@@ -171,3 +181,19 @@ def onnx_runner_from_proto(proto: onnx.ModelProto) -> OnnxrtRunner:
 
 def onnx_runner(path: Path) -> OnnxrtRunner:
     return onnx_runner_from_proto(load_onnx_for_ort(path))
+
+
+def validate_onnx(model: nn.Module, proto: onnx.ModelProto, windows: torch.Tensor, precision: str = "float64",
+                  tol: Tolerances = Tolerances()) -> dict:
+    """ONNX Runtime on ``proto`` (a graph it runs, e.g. ``load_onnx_for_ort``'s) against the
+    PyTorch quantized ``model`` on ``windows`` [n, seqlen], at ``precision`` (module docstring)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: {' or '.join(PRECISIONS)}")
+    if precision == "float32":
+        report = compare(onnx_runner_from_proto(proto), TorchRunner(model, name="pytorch"), windows,
+                         floor_model=model, tol=tol)
+    else:
+        runner = onnx_runner_from_proto(to_float64(proto))
+        with float64_model(model):
+            report = compare(runner, TorchRunner(model, name="pytorch"), windows, tol=tol)
+    return {"precision": precision, **report}

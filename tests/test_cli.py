@@ -114,3 +114,17 @@ def test_build_without_tensorrt_says_what_to_install(tmp_path):
     assert r.exit_code == 2
     assert "pip install tensorrt" in " ".join(r.output.split())
     assert not (tmp_path / "m.plan").exists()
+
+
+def test_export_then_validate(quantized, tmp_path):
+    q, onnx_path = quantized("w4a8-fp4-m2-lorc"), tmp_path / "m.onnx"
+    r = run("export", "--model", q, "--out", onnx_path)
+    assert r.exit_code == 0, r.output
+    for precision, windows in (("float64", 1), ("float32", 4)):
+        r = run("validate", "--model", q, "--onnx", onnx_path, "--precision", precision, "--windows", windows, "--json")
+        assert r.exit_code == 0, r.output
+        report = json.loads(r.stdout[r.stdout.index("{"):])
+        assert report["precision"] == precision and report["windows"] == windows and report["passed"]
+    assert report["noise_floor_top1"] > 0.9
+    expect_user_error(["validate", "--model", q, "--onnx", onnx_path, "--precision", "float16"], "unknown precision")
+    expect_user_error(["validate", "--model", q, "--backend", "gpu"], "--precision float32")

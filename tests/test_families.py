@@ -11,7 +11,7 @@ from fp_export.checkpoint import load_checkpoint
 from fp_export.export.onnx import ExportError, check, export_checkpoint
 from fp_export.model import DEFAULT_MODEL
 from fp_export.pipeline import quantize_to_checkpoint
-from fp_export.validate import TorchRunner, compare, onnx_runner
+from fp_export.validate import load_onnx_for_ort, validate_onnx
 
 from conftest import fast_recipe
 
@@ -49,8 +49,10 @@ def test_family_quantizes_with_gptq(tmp_path, family):
         onnx_path = export_checkpoint(out, tmp_path / "q.onnx", reference=True)
         check(onnx_path)
         ids = torch.randint(0, 4096, (2, 64))
-        report = compare(onnx_runner(onnx_path), TorchRunner(model, name="pytorch"), ids, floor_model=model)
+        report = validate_onnx(model, load_onnx_for_ort(onnx_path), ids, "float32")
         assert report["perplexity_rel_diff"] < 0.005
+        report = validate_onnx(model, load_onnx_for_ort(onnx_path), ids, "float64")
+        assert report["top1_agreement"] == 1.0 and report["max_rel_logit_error"] < 1e-6, report
     else:
         with pytest.raises(ExportError, match=cls.__name__):
             export_checkpoint(out, tmp_path / "x.onnx")

@@ -10,7 +10,13 @@ from torch import nn
 from fp_export.checkpoint import load_checkpoint
 from fp_export.export.onnx import build_model
 from fp_export.runtime.linear import to_gpu_runtime
-from fp_export.validate import TorchRunner, compare, onnx_runner, onnx_runner_from_proto
+from fp_export.validate import Tolerances, TorchRunner, compare, onnx_runner, onnx_runner_from_proto
+
+# The GPU runtime carries activations in bf16 between its kernels (8 significant bits, float32
+# has 24), so it sits further from the float32 reference than a float32 backend: 2 points of top-1
+# below the float32 noise floor instead of 0.5 (measured on the H100: 96.1% against a 97.0% floor,
+# perplexity within 0.1%). A wrong decode or scale costs tens of points.
+GPU_TOLERANCES = Tolerances(floor_margin=0.02)
 
 
 def compare_gpu(cpu_model: nn.Module, qdir: Path, onnx_file: Path | None, windows: torch.Tensor,
@@ -26,4 +32,4 @@ def compare_gpu(cpu_model: nn.Module, qdir: Path, onnx_file: Path | None, window
         reference = onnx_runner(onnx_file)
     gpu_model = to_gpu_runtime(load_checkpoint(qdir)[0], mode=mode)
     runner = TorchRunner(gpu_model, name=f"gpu-{mode}", device="cuda")
-    return compare(runner, reference, windows, floor_model=cpu_model)
+    return compare(runner, reference, windows, floor_model=cpu_model, tol=GPU_TOLERANCES)
