@@ -18,7 +18,9 @@ from onnx import TensorProto, helper
 
 from fp_export.export.graph import GraphBuilder
 
+
 def _elem_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor of ``proto`` (strict shape inference)."""
     graph = onnx.shape_inference.infer_shapes(proto, strict_mode=True).graph
     types = {v.name: v.type.tensor_type.elem_type for v in chain(graph.value_info, graph.input, graph.output)}
     types.update({t.name: t.data_type for t in graph.initializer})
@@ -35,7 +37,6 @@ def to_float64(proto: onnx.ModelProto) -> onnx.ModelProto:
     g = GraphBuilder(set(types) | {n.name for n in graph.node})
     dynamic = {i.name for i in graph.input}
     promoted: dict[str, str] = {}
-
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         if not any(i in dynamic for i in node.input):
