@@ -52,9 +52,9 @@ def to_float64(proto: onnx.ModelProto) -> onnx.ModelProto:
                     if name not in promoted:
                         promoted[name] = g.op("Cast", [name], f"{name}.f64", to=TensorProto.DOUBLE)
                     node.input[j] = promoted[name]
-            for a in node.attribute:
-                if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
-                    a.i = TensorProto.DOUBLE
+            if node.op_type == "Cast":
+                to = next(a for a in node.attribute if a.name == "to")
+                to.i = TensorProto.DOUBLE if to.i == TensorProto.FLOAT else to.i
         nodes.extend(g.nodes[start:])
         nodes.append(node)
         if node.op_type == "DequantizeLinear":
