@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fp_export.model import DEFAULT_MODEL
+from fp_export.hf.loading import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
@@ -22,10 +22,10 @@ MODEL_HELP = "Local Hugging Face model directory (default: the embedded kjv-llam
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from fp_export.checkpoint import CheckpointError
+    from fp_export.checkpoint.layout import CheckpointError
     from fp_export.export.onnx import ExportError
-    from fp_export.model import ModelError
-    from fp_export.recipe import RecipeError
+    from fp_export.hf.loading import ModelError
+    from fp_export.ptq.recipe import RecipeError
 
     return (CheckpointError, ExportError, ModelError, RecipeError, FileNotFoundError, FileExistsError,
             ValueError)
@@ -77,8 +77,8 @@ def quantize(
     max_eval_windows: Optional[int] = typer.Option(None, min=1, help="Limit evaluation windows."),
 ):
     """Quantize a causal LM by a recipe into an fp-export checkpoint."""
-    from fp_export.pipeline import quantize_to_checkpoint
-    from fp_export.recipe import load_recipe
+    from fp_export.ptq.job import quantize_to_checkpoint
+    from fp_export.ptq.recipe import load_recipe
 
     _quiet_transformers()
     with user_errors():
@@ -126,9 +126,9 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print {perplexity, tokens, seqlen} as JSON."),
 ):
     """Perplexity on held-out text (non-overlapping windows, the paper's protocol)."""
-    from fp_export.data import load_text
-    from fp_export.evaluate import model_seqlen, perplexity, tokenize
-    from fp_export.pipeline import load_any
+    from fp_export.data.corpus import load_text
+    from fp_export.evaluate.perplexity import model_seqlen, perplexity, tokenize
+    from fp_export.ptq.job import load_any
 
     _quiet_transformers()
     with user_errors():
@@ -178,10 +178,10 @@ def validate(
                                                            "(for `polygraphy run --load-inputs`)."),
 ):
     """Compare a backend with the PyTorch quantized model (Polygraphy); exit 1 past tolerances."""
-    from fp_export.checkpoint import load_checkpoint
-    from fp_export.data import load_text
-    from fp_export.evaluate import eval_windows, model_seqlen, tokenize
-    from fp_export.validate import OnnxFileError, load_onnx_for_ort, validate_onnx
+    from fp_export.checkpoint.layout import load_checkpoint
+    from fp_export.data.corpus import load_text
+    from fp_export.evaluate.perplexity import eval_windows, model_seqlen, tokenize
+    from fp_export.validate.compare import OnnxFileError, load_onnx_for_ort, validate_onnx
 
     _quiet_transformers()
     with user_errors():
@@ -197,7 +197,7 @@ def validate(
                     raise ValueError("--onnx is required with --backend onnxruntime")
                 report = validate_onnx(m, load_onnx_for_ort(onnx_file), ids, precision)
             elif backend == "gpu":
-                from fp_export.runtime.validate import compare_gpu
+                from fp_export.validate.gpu import compare_gpu
 
                 if precision != "float32":
                     raise ValueError("--backend gpu runs the GPU kernels as deployed: pass --precision float32")
@@ -231,7 +231,7 @@ def build(
     max_seq: int = typer.Option(2048, min=1),
 ):
     """Build a TensorRT engine (strongly typed, FP8) with the Fp4ToFp8 plugin."""
-    from fp_export.trt_build import PLUGIN_LIB, BuildUnavailable, build_engine
+    from fp_export.build.engine import PLUGIN_LIB, BuildUnavailable, build_engine
 
     try:
         with user_errors():

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fp_export.model import DEFAULT_MODEL
-from fp_export.pipeline import quantize_to_checkpoint
-from fp_export.recipe import load_recipe
+from fp_export.hf.loading import DEFAULT_MODEL
+from fp_export.ptq.job import quantize_to_checkpoint
+from fp_export.ptq.recipe import load_recipe
 
 FAST_CAL = {"nsamples": 4, "seqlen": 128}
 

@@ -8,17 +8,17 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from fp_export.checkpoint import load_checkpoint
-from fp_export.data import load_text
-from fp_export.evaluate import eval_windows, tokenize
+from fp_export.checkpoint.layout import load_checkpoint
+from fp_export.data.corpus import load_text
+from fp_export.evaluate.perplexity import eval_windows, tokenize
 from fp_export.export.graph import GraphBuilder
 from fp_export.export.onnx import CUSTOM_DOMAIN, FP4_OP, check, export_checkpoint
 from fp_export.export.reference import fp4_to_fp8_reference
-from fp_export.formats import pack_nibbles
-from fp_export.recipe import bundled_recipes
-from fp_export.scales import SHIFT_MAX, SHIFT_MIN
-from fp_export.shiftcast import fp4_to_fp8
-from fp_export.validate import OnnxFileError, load_onnx_for_ort, validate_onnx
+from fp_export.numerics.formats import pack_nibbles
+from fp_export.ptq.recipe import bundled_recipes
+from fp_export.numerics.scales import SHIFT_MAX, SHIFT_MIN
+from fp_export.numerics.fp4_to_fp8 import fp4_to_fp8
+from fp_export.validate.compare import OnnxFileError, load_onnx_for_ort, validate_onnx
 
 
 def op_count(proto, op_type, domain=""):
@@ -106,7 +106,7 @@ def test_bad_onnx_files(tmp_path):
 def test_tampered_checkpoint_is_not_exported(quantized, tmp_path):
     import shutil
 
-    from fp_export.checkpoint import CheckpointError
+    from fp_export.checkpoint.layout import CheckpointError
 
     bad = tmp_path / "bad"
     shutil.copytree(quantized("w8a8-fp8"), bad)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from fp_export.gptq import HessianAccumulator, gptq_quantize
-from fp_export.lorc import lorc_factors
-from fp_export.recipe import GPTQConfig
-from fp_export.weights import rtn_quantize
+from fp_export.quant.gptq import HessianAccumulator, gptq_quantize
+from fp_export.quant.lorc import lorc_factors
+from fp_export.ptq.recipe import GPTQConfig
+from fp_export.quant.weights import rtn_quantize
 
 
 @pytest.fixture(scope="module")

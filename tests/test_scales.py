@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from fp_export.formats import FP4_E2M1, FP8_E4M3, decode, pack_nibbles
-from fp_export.scales import (SHIFT_MAX, SHIFT_MIN, SHIFT_WINDOW, ceil_log2, group_amax, shift_cast_params,
+from fp_export.numerics.formats import FP4_E2M1, FP8_E4M3, decode, pack_nibbles
+from fp_export.numerics.scales import (SHIFT_MAX, SHIFT_MIN, SHIFT_WINDOW, ceil_log2, group_amax, shift_cast_params,
                               token_scales, weight_scales)
-from fp_export.shiftcast import fp4_code_to_fp8_bits, fp4_to_fp8
-from fp_export.weights import rtn_quantize
+from fp_export.numerics.fp4_to_fp8 import fp4_code_to_fp8_bits, fp4_to_fp8
+from fp_export.quant.weights import rtn_quantize
 
 
 def test_every_code_and_shift_is_exact_in_e4m3():

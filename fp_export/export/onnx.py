@@ -29,9 +29,9 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from fp_export.export.graph import GraphBuilder
-from fp_export.formats import get_format, pack_nibbles
-from fp_export.qlinear import QuantLinear
-from fp_export.scales import shift_cast_params
+from fp_export.numerics.formats import get_format, pack_nibbles
+from fp_export.quant.qlinear import QuantLinear
+from fp_export.numerics.scales import shift_cast_params
 
 OPSET = 23
 IR_VERSION = 11
@@ -312,10 +312,10 @@ def check(path: Path) -> None:
 
 def export_checkpoint(qdir: Path, out: Path, reference: bool = False) -> Path:
     """Export an fp-export checkpoint (verified on load) to ``out`` (+ ``out.data``)."""
-    from fp_export.checkpoint import load_checkpoint
+    from fp_export.checkpoint.layout import load_checkpoint
 
     model, _, manifest = load_checkpoint(qdir)
-    meta = {"fp_export.recipe": manifest["recipe"]["name"],
+    meta = {"fp_export.ptq.recipe": manifest["recipe"]["name"],
             "fp_export.checkpoint_sha256": manifest["files"]["model.safetensors"],
             "fp_export.reference": int(reference)}
     with torch.no_grad():

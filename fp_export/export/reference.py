@@ -4,7 +4,7 @@
   (BitwiseAnd, BitShift; element 2i low nibble), a Gather from the 16-entry FP4 E2M1 value table,
   multiplication of each group by Pow(2, shift), and a Cast to FLOAT8E4M3FN. Every product is an
   E4M3 value (``scales.SHIFT_MIN..SHIFT_MAX``), so the Cast is exact and the output bits equal the
-  integer shift of ``fp_export.shiftcast``.
+  integer shift of ``fp_export.numerics.fp4_to_fp8``.
 - ``DequantizeLinear`` of a FLOAT4E2M1 initializer (opset 23; not implemented by ORT) becomes the
   same unpacking and table lookup, times its per-group (or per-row) scale.
 """
@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 
 from fp_export.export.graph import GraphBuilder
 from fp_export.export.onnx import CUSTOM_DOMAIN, FP4_OP
-from fp_export.formats import FP4_E2M1, decode_table
+from fp_export.numerics.formats import FP4_E2M1, decode_table
 
 
 def fp4_values(g: GraphBuilder, packed: str, rows: int, cols: int, name: str) -> str:

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp_export.formats import FP8_E4M3, pack_nibbles, round_to_grid
-from fp_export.qlinear import QuantLinear
-from fp_export.recipe import ActivationConfig
+from fp_export.numerics.formats import FP8_E4M3, pack_nibbles, round_to_grid
+from fp_export.quant.qlinear import QuantLinear
+from fp_export.ptq.recipe import ActivationConfig
 from fp_export.runtime.kernels import fp4_to_fp8
 from fp_export.runtime.layout import repack_split, unsplit
-from fp_export.scales import shift_cast_params, token_scales
+from fp_export.numerics.scales import shift_cast_params, token_scales
 
 MODES = ("fused", "cast", "auto")
 AUTO_FUSED_MAX_M = 64  # "auto": the fused kernel up to this many tokens, cast + _scaled_mm beyond
@@ -110,7 +110,7 @@ class GpuQuantLinear(nn.Module):
             return y.to(dtype).reshape(*shape[:-1], self.out_features)
         xq, s = quantize_tokens(x2, self.static_scale)
         if not x.is_cuda:
-            from fp_export.formats import decode
+            from fp_export.numerics.formats import decode
 
             w = decode(self.fp8_weight(), FP8_E4M3)
             y = (xq @ w.T) * s[:, None] * self.w_scale[None, :]
@@ -133,7 +133,7 @@ class GpuQuantLinear(nn.Module):
 def to_gpu_runtime(model: nn.Module, mode: str = "fused", device: str = "cuda") -> nn.Module:
     """Replace every ``QuantLinear`` of ``model`` by a ``GpuQuantLinear``; move the model to
     ``device`` (bf16 elsewhere on CUDA)."""
-    from fp_export.model import set_module
+    from fp_export.hf.loading import set_module
 
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear):

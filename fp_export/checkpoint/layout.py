@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fp_export.model import set_module
-from fp_export.qlinear import LayerSpec, QuantLinear
-from fp_export.recipe import Recipe, recipe_from_dict
+from fp_export.hf.loading import set_module
+from fp_export.quant.qlinear import LayerSpec, QuantLinear
+from fp_export.ptq.recipe import Recipe, recipe_from_dict
 
 FORMAT_NAME = "fp-export"
 FORMAT_VERSION = 1

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "kjv-llama-15m"
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "kjv-llama-15m"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fp_export.formats import Format, decode, encode, get_format, pack_nibbles, unpack_nibbles
-from fp_export.scales import Constraint, expand_groups, weight_scales
+from fp_export.numerics.formats import Format, decode, encode, get_format, pack_nibbles, unpack_nibbles
+from fp_export.numerics.scales import Constraint, expand_groups, weight_scales
 
 
 @dataclass(frozen=True)

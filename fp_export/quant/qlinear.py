@@ -5,7 +5,7 @@ Forward, in float32, as deployed (the exported graph and GPU runtime compute the
 - token-wise dynamic: s = max|x| / max_q per token, x_u = round_to_grid(x / s) on the unit grid,
   y = (x_u W^T (+ (x_u v^T) u^T)) * s + b, i.e. the token scale applied in the GEMM epilogue;
 W is the dequantized weight (``weights.dequantize``), u and v the dequantized LoRC factors.
-Output in the input's dtype. float64 inputs (``fp_export.float64``) are computed in float64, except
+Output in the input's dtype. float64 inputs (``fp_export.validate.float64_model``) are computed in float64, except
 that the quantizers round in float32 as the ONNX QuantizeLinear / DequantizeLinear operators do:
 the static Q/DQ entirely, the token-wise one from the float64 quotient x / s rounded to float32.
 """
@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp_export.formats import fake_quantize, get_format, round_to_grid
-from fp_export.lorc import LoRCFactors
-from fp_export.recipe import ActivationConfig
-from fp_export.scales import token_scales
-from fp_export.weights import QuantizedWeight
+from fp_export.numerics.formats import fake_quantize, get_format, round_to_grid
+from fp_export.quant.lorc import LoRCFactors
+from fp_export.ptq.recipe import ActivationConfig
+from fp_export.numerics.scales import token_scales
+from fp_export.quant.weights import QuantizedWeight
 
 
 @dataclass(frozen=True)

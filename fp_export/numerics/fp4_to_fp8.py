@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from fp_export.formats import unpack_nibbles
-from fp_export.scales import SHIFT_MAX, SHIFT_MIN
+from fp_export.numerics.formats import unpack_nibbles
+from fp_export.numerics.scales import SHIFT_MAX, SHIFT_MIN
 
 
 def fp4_code_to_fp8_bits(codes: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

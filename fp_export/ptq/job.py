@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from fp_export.checkpoint import (
+from fp_export.checkpoint.layout import (
     MANIFEST, checkpoint_tensors, load_checkpoint, model_digest, read_manifest, write_checkpoint,
 )
-from fp_export.data import calibration_batch, load_text, text_sha256
-from fp_export.evaluate import model_seqlen, perplexity, tokenize
-from fp_export.model import check_model_dir, load_model
-from fp_export.quantize import Progress, quantize_model
-from fp_export.recipe import Recipe
+from fp_export.data.corpus import calibration_batch, load_text, text_sha256
+from fp_export.evaluate.perplexity import model_seqlen, perplexity, tokenize
+from fp_export.hf.loading import check_model_dir, load_model
+from fp_export.ptq.sequential import Progress, quantize_model
+from fp_export.ptq.recipe import Recipe
 
 
 def state_dir_for(out: Path) -> Path:

@@ -32,10 +32,10 @@ from polygraphy.comparator import Comparator
 from polygraphy.logger import G_LOGGER
 from torch import nn
 
-from fp_export.evaluate import window_nll
-from fp_export.export.float64 import to_float64
+from fp_export.evaluate.perplexity import window_nll
+from fp_export.validate.float64_graph import to_float64
 from fp_export.export.reference import to_reference
-from fp_export.float64 import float64_model
+from fp_export.validate.float64_model import float64_model
 
 PRECISIONS = ("float64", "float32")
 

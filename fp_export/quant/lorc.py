@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fp_export.formats import decode, encode, get_format
-from fp_export.scales import group_amax
+from fp_export.numerics.formats import decode, encode, get_format
+from fp_export.numerics.scales import group_amax
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fp_export.formats import get_format
-from fp_export.gptq import HessianAccumulator, gptq_quantize
-from fp_export.lorc import lorc_factors
-from fp_export.model import decoder_layers, layer_prefix, linear_weight, linears, set_module
-from fp_export.qlinear import LayerSpec, QuantLinear
-from fp_export.recipe import Recipe
-from fp_export.weights import rtn_quantize
+from fp_export.numerics.formats import get_format
+from fp_export.quant.gptq import HessianAccumulator, gptq_quantize
+from fp_export.quant.lorc import lorc_factors
+from fp_export.hf.loading import decoder_layers, layer_prefix, linear_weight, linears, set_module
+from fp_export.quant.qlinear import LayerSpec, QuantLinear
+from fp_export.ptq.recipe import Recipe
+from fp_export.quant.weights import rtn_quantize
 
 Progress = Callable[[str, int, int], None]
 

@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from fp_export.formats import Format
+from fp_export.numerics.formats import Format
 
 Constraint = Literal["none", "m1", "m2"]
 SHIFT_MIN, SHIFT_MAX = -5, 6
@@ -110,7 +110,7 @@ def expand_groups(per_group: torch.Tensor, in_features: int) -> torch.Tensor:
 
 def token_scales(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Dynamic per-token scales of activations [..., hidden]: [..., 1] = absmax / max, in float32
-    (float64 for float64 ``x``: the float64 validation of ``fp_export.float64``)."""
+    (float64 for float64 ``x``: the float64 validation of ``fp_export.validate.float64_model``)."""
     amax = (x if x.dtype == torch.float64 else x.float()).abs().amax(dim=-1, keepdim=True)
     return torch.where(amax > 0, amax, torch.ones_like(amax)) / fmt.max
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fp_export.checkpoint import load_checkpoint
+from fp_export.checkpoint.layout import load_checkpoint
 from fp_export.export.onnx import build_model
 from fp_export.runtime.linear import to_gpu_runtime
-from fp_export.validate import Tolerances, TorchRunner, compare, onnx_runner, onnx_runner_from_proto
+from fp_export.validate.compare import Tolerances, TorchRunner, compare, onnx_runner, onnx_runner_from_proto
 
 # The GPU runtime carries activations in bf16 between its kernels (8 significant bits, float32
 # has 24), so it sits further from the float32 reference than a float32 backend: 2 points of top-1

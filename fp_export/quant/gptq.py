@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from fp_export.formats import get_format
-from fp_export.recipe import GPTQConfig
-from fp_export.scales import Constraint, group_amax, group_scales, row_reference, weight_scales
-from fp_export.weights import QuantizedWeight, dequantize, quantize_columns
+from fp_export.numerics.formats import get_format
+from fp_export.ptq.recipe import GPTQConfig
+from fp_export.numerics.scales import Constraint, group_amax, group_scales, row_reference, weight_scales
+from fp_export.quant.weights import QuantizedWeight, dequantize, quantize_columns
 
 
 class HessianAccumulator:
