@@ -6,8 +6,7 @@
 // two 16-byte vectors, the 32 codes k = 128c + 32t .. +31 of rows g and g + 8 (standard nibble
 // packing), so a warp's two loads are 512 contiguous bytes each. The shifts of the chunk are
 // 16 x SUB bytes (SUB = 1, 2 or 4 shifts per row per chunk: groups of >= 128, 64, 32 codes).
-// Weights, activations and shifts stream through a per-warp cp.async ring of S stages (no
-// register cost for the loads in flight). Decode: PRMT table lookup (fp4_cast.cuh). A lane's logical K slice
+// Decode: PRMT table lookup (fp4_cast.cuh), no arithmetic on values. A lane's logical K slice
 // 32t .. 32t + 31 maps onto MMA k positions (4t + i, 16 + 4t + i) of four MMA steps, and the
 // activations are loaded with the same map, so the products pair up exactly.
 // K is split over gridDim.y CTAs; partial sums go to a workspace and the last CTA of each column
@@ -32,20 +31,10 @@ __device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// cp.async pipeline depth per token-tile count: S stages of (weights 1 KB + activations NT KB)
-// per warp, within 48 KB of static shared memory per CTA.
 template <int NT>
-struct Stages {
-  static constexpr int value = NT == 1 ? 5 : (NT == 2 ? 3 : (NT == 4 ? 2 : 1));
+struct Unroll {
+  static constexpr int value = NT == 1 ? 4 : (NT == 2 ? 4 : (NT == 4 ? 2 : 1));
 };
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int bytes) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 template <int NT, int SUB>
 __global__ void __launch_bounds__(WARPS * 32) w4a8_gemm_kernel(
@@ -54,17 +43,14 @@ __global__ void __launch_bounds__(WARPS * 32) w4a8_gemm_kernel(
     const float* __restrict__ lorc_t, const float* __restrict__ lorc_u, int lorc_rank, void* __restrict__ out,
     int out_bf16, float* __restrict__ ws, int* __restrict__ counters, int M, int N, int K, int lda, int ldo,
     int KC, int chunks_per_split) {
-  constexpr int S = Stages<NT>::value;
-  constexpr int VEC = 2 + 2 * NT;  // 16-byte vectors per lane and stage: w rows g, g + 8; NT x 2 activations
-  __shared__ uint4 sbuf[WARPS][S][VEC][32];
-  __shared__ uint4 sshift[WARPS][S][4];
+  constexpr int U = Unroll<NT>::value;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int ntiles = (N + 15) >> 4;
   const int tile = blockIdx.x * WARPS + warp;
   const int splits = gridDim.y;
   const int c_begin = blockIdx.y * chunks_per_split;
-  const int nchunks = max(0, min(KC, c_begin + chunks_per_split) - c_begin);
+  const int c_end = min(KC, c_begin + chunks_per_split);
   const int sub = (t * SUB) >> 2;
 
   float acc[NT][4];
@@ -73,66 +59,60 @@ __global__ void __launch_bounds__(WARPS * 32) w4a8_gemm_kernel(
 
   if (tile < ntiles) {
     const uint4* wp = wt + static_cast<size_t>(tile) * KC * 64 + lane;
-    const int8_t* sp = st + static_cast<size_t>(tile) * KC * 16 * SUB;
-    // Stage i % S holds chunk c_begin + i: each lane copies (and later reads) its own vectors;
-    // lanes 0 .. SUB-1 copy the chunk's 16 * SUB shift bytes, read by all lanes.
-    auto issue = [&](int i) {
-      const int c = c_begin + i, stage = i % S;
-      cp_async16(&sbuf[warp][stage][0][lane], wp + c * 64, 16);
-      cp_async16(&sbuf[warp][stage][1][lane], wp + c * 64 + 32, 16);
-      const int kk = c * 128 + 32 * t;
+    const int8_t* sp = st + static_cast<size_t>(tile) * KC * 16 * SUB + sub;
+    for (int c0 = c_begin; c0 < c_end; c0 += U) {
+      uint4 w0[U], w1[U];
+      int s0[U], s1[U];
+      uint4 xa[U][NT], xb[U][NT];
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const int m = j * 8 + g;
-        const bool ok = m < M && kk < K;
-        const uint8_t* src = ok ? a + static_cast<size_t>(m) * lda + kk : a;
-        cp_async16(&sbuf[warp][stage][2 + 2 * j][lane], src, ok ? 16 : 0);
-        cp_async16(&sbuf[warp][stage][3 + 2 * j][lane], ok ? src + 16 : a, ok ? 16 : 0);
+      for (int u = 0; u < U; ++u) {
+        const int c = c0 + u;
+        if (c < c_end) {
+          w0[u] = __ldcs(wp + c * 64);
+          w1[u] = __ldcs(wp + c * 64 + 32);
+          s0[u] = __ldg(sp + (c * 16 + g) * SUB);
+          s1[u] = __ldg(sp + (c * 16 + g + 8) * SUB);
+          const int kk = c * 128 + 32 * t;
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            const int m = j * 8 + g;
+            if (m < M && kk < K) {
+              const uint4* ap = reinterpret_cast<const uint4*>(a + static_cast<size_t>(m) * lda + kk);
+              xa[u][j] = __ldg(ap);
+              xb[u][j] = __ldg(ap + 1);
+            } else {
+              xa[u][j] = make_uint4(0, 0, 0, 0);
+              xb[u][j] = make_uint4(0, 0, 0, 0);
+            }
+          }
+        }
       }
-      if (lane < SUB) cp_async16(&sshift[warp][stage][lane], sp + static_cast<size_t>(c) * 16 * SUB + 16 * lane, 16);
-    };
 #pragma unroll
-    for (int i = 0; i < S - 1; ++i) {
-      if (i < nchunks) issue(i);
-      cp_async_commit();
-    }
-    for (int i = 0; i < nchunks; ++i) {
-      if (i + S - 1 < nchunks) issue(i + S - 1);
-      cp_async_commit();
-      cp_async_wait<S - 1>();
-      __syncwarp();
-      const int stage = i % S;
-      const uint4 w0 = sbuf[warp][stage][0][lane], w1 = sbuf[warp][stage][1][lane];
-      const int8_t* sh = reinterpret_cast<const int8_t*>(sshift[warp][stage]);
-      const int s0 = sh[g * SUB + sub], s1 = sh[(g + 8) * SUB + sub];
-      uint4 xa[NT], xb[NT];
+      for (int u = 0; u < U; ++u) {
+        if (c0 + u < c_end) {
+          uint32_t lo0, hi0, lo1, hi1;
+          fp_export::shifted_table(s0[u], lo0, hi0);
+          fp_export::shifted_table(s1[u], lo1, hi1);
+          uint32_t A0[8], A1[8];  // decoded rows g and g + 8: word i = codes 32t + 4i .. +3
+          fp_export::cast8(w0[u].x, lo0, hi0, A0[0], A0[1]);
+          fp_export::cast8(w0[u].y, lo0, hi0, A0[2], A0[3]);
+          fp_export::cast8(w0[u].z, lo0, hi0, A0[4], A0[5]);
+          fp_export::cast8(w0[u].w, lo0, hi0, A0[6], A0[7]);
+          fp_export::cast8(w1[u].x, lo1, hi1, A1[0], A1[1]);
+          fp_export::cast8(w1[u].y, lo1, hi1, A1[2], A1[3]);
+          fp_export::cast8(w1[u].z, lo1, hi1, A1[4], A1[5]);
+          fp_export::cast8(w1[u].w, lo1, hi1, A1[6], A1[7]);
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        xa[j] = sbuf[warp][stage][2 + 2 * j][lane];
-        xb[j] = sbuf[warp][stage][3 + 2 * j][lane];
-      }
-      __syncwarp();  // every lane has read the stage before the next iteration refills it
-      uint32_t lo0, hi0, lo1, hi1;
-      fp_export::shifted_table(s0, lo0, hi0);
-      fp_export::shifted_table(s1, lo1, hi1);
-      uint32_t A0[8], A1[8];  // decoded rows g and g + 8: word i = codes 32t + 4i .. +3
-      fp_export::cast8(w0.x, lo0, hi0, A0[0], A0[1]);
-      fp_export::cast8(w0.y, lo0, hi0, A0[2], A0[3]);
-      fp_export::cast8(w0.z, lo0, hi0, A0[4], A0[5]);
-      fp_export::cast8(w0.w, lo0, hi0, A0[6], A0[7]);
-      fp_export::cast8(w1.x, lo1, hi1, A1[0], A1[1]);
-      fp_export::cast8(w1.y, lo1, hi1, A1[2], A1[3]);
-      fp_export::cast8(w1.z, lo1, hi1, A1[4], A1[5]);
-      fp_export::cast8(w1.w, lo1, hi1, A1[6], A1[7]);
+          for (int j = 0; j < NT; ++j) {
+            const uint32_t X[8] = {xa[u][j].x, xa[u][j].y, xa[u][j].z, xa[u][j].w,
+                                   xb[u][j].x, xb[u][j].y, xb[u][j].z, xb[u][j].w};
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const uint32_t X[8] = {xa[j].x, xa[j].y, xa[j].z, xa[j].w, xb[j].x, xb[j].y, xb[j].z, xb[j].w};
-#pragma unroll
-        for (int s = 0; s < 4; ++s)
-          mma_e4m3(acc[j], A0[2 * s], A1[2 * s], A0[2 * s + 1], A1[2 * s + 1], X[2 * s], X[2 * s + 1]);
+            for (int s = 0; s < 4; ++s)
+              mma_e4m3(acc[j], A0[2 * s], A1[2 * s], A0[2 * s + 1], A1[2 * s + 1], X[2 * s], X[2 * s + 1]);
+          }
+        }
       }
     }
-    cp_async_wait<0>();
   }
 
   // acc[j][i]: row n = tile*16 + g + 8*(i >> 1), token m = 8j + 2t + (i & 1).
@@ -149,12 +129,13 @@ __global__ void __launch_bounds__(WARPS * 32) w4a8_gemm_kernel(
     }
     __threadfence();
     __syncthreads();
-    int prev = 0;
+    __shared__ int last;
     if (threadIdx.x == 0) {
-      prev = atomicAdd(counters + blockIdx.x, 1);
-      if (prev == splits - 1) counters[blockIdx.x] = 0;
+      const int prev = atomicAdd(counters + blockIdx.x, 1);
+      last = prev == splits - 1;
+      if (last) counters[blockIdx.x] = 0;
     }
-    const int last = __syncthreads_or(threadIdx.x == 0 && prev == splits - 1);
+    __syncthreads();
     if (!last) return;
     __threadfence();
     if (tile < ntiles) {

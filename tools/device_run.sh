@@ -7,7 +7,8 @@ python3 -c "import pydantic" 2>/dev/null || { python3 -m pip install -q --no-ind
 python3 -c "from fp_export.runtime import w4a8_gemm as W; W.build_library()" || exit 1
 for step in "$@"; do
   case $step in
-    tests) python3 -m pytest -q -m gpu tests/test_w4a8_gemm.py tests/test_engine.py tests/test_gpu.py -k "not validate" 2>&1 | tail -25 | tee $OUT/tests.txt ;;
+    tests) python3 -m pytest -q -m gpu tests/test_w4a8_gemm.py tests/test_engine.py > $OUT/tests.txt 2>&1; tail -3 $OUT/tests.txt ;;
+    gputests) python3 -m pytest -q -m gpu tests/test_gpu.py -k "not validate" > $OUT/gputests.txt 2>&1; tail -3 $OUT/gputests.txt ;;
     sweep) SKIP_CHECKS=1 timeout 200 python3 tools/device_check_w4a8.py 2>&1 | grep -E "^M=|copy" | tee $OUT/sweep.txt ;;
     kernels) python3 tools/bench_kernels.py --out $OUT 2>&1 | grep -v "^|" ;;
     ncu) ncu --clock-control none -k regex:w4a8_gemm_kernel -c 3 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section LaunchStats \

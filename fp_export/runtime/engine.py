@@ -132,10 +132,12 @@ class DecodeEngine:
 
     ``kind``: "w4a8" (quantized layers as their kernels allow; float layers stay bf16), "fp8"
     (W8A8 FP8 per-channel from the float/dequantized weights) or "bf16". ``linears``: optional
-    {(layer, name): dict} overriding the projections (benchmarks build random W4A8 weights)."""
+    {(layer, name): dict} overriding the projections (benchmarks build random W4A8 weights).
+    ``keep_fp8``: W4A8 layers also keep an FP8 copy of their weights (1 byte per weight more) so
+    that prefill and batches above 16 tokens run ``_scaled_mm`` without the per-call cast."""
 
     def __init__(self, model: nn.Module, kind: str = "w4a8", device: str | torch.device = "cuda",
-                 linears: dict | None = None):
+                 linears: dict | None = None, keep_fp8: bool = False):
         if kind not in ("w4a8", "fp8", "bf16"):
             raise ValueError(f"engine kind {kind!r}: choose w4a8, fp8 or bf16")
         cfg = model.config
@@ -167,6 +169,11 @@ class DecodeEngine:
             self.layers.append(dict(ln1=bf(layer.input_layernorm.weight), ln2=bf(layer.post_attention_layernorm.weight),
                                     qkv=qkv, o=build_group([part("o", at.o_proj)], self.dev)[0], gu=gu,
                                     down=build_group([part("down", mlp.down_proj)], self.dev)[0]))
+        if keep_fp8:
+            for L in self.layers:
+                for li in [*L["qkv"], L["o"], *L["gu"], L["down"]]:
+                    if li.kind == "w4a8":
+                        li.w.keep_fp8()
         self.kind = kind
         self.cache = None
         self.graphs: dict = {}
@@ -247,7 +254,9 @@ class DecodeEngine:
         key = (batch, length)
         if key not in self.graphs:
             ids = torch.zeros(batch, 1, dtype=torch.long, device=self.dev)
-            pos = torch.zeros(1, dtype=torch.long, device=self.dev)
+            # warm-up and capture write K/V at the last cache slot, which no generation reaches
+            # (cache length >= prompt + max_new_tokens; the last step writes prompt + max_new - 2)
+            pos = torch.full((1,), self.cache[0].shape[3] - 1, dtype=torch.long, device=self.dev)
             side = torch.cuda.Stream(self.dev)
             side.wait_stream(torch.cuda.current_stream(self.dev))
             with torch.cuda.stream(side):  # warm-up: compiles kernels, sizes workspaces
@@ -285,7 +294,7 @@ class DecodeEngine:
         ids[:b, 0].copy_(tokens)
         p.fill_(pos)
         g.replay()
-        return logits[:b]
+        return logits[:b].clone()  # the graph's output buffer is overwritten by the next replay
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,

@@ -8,11 +8,11 @@ w_scale float32 [N] (the per-channel dequantization scale of ``numerics.scales.s
 t = a @ lorc_v^T float32 [M, r] and u = lorc_u [N, r] the optional LoRC factors, bias float32 [N].
 
 Two paths, chosen by the number of tokens M (fixed rules, no run-time tuning):
-- M <= ``SMALL_M`` (decode): ``plugins/w4a8_gemm.cu``, mma.sync m16n8k32 E4M3 with the weights as
+- M <= 16, or M <= ``SMALL_M`` without a kept FP8 copy (decode): ``plugins/w4a8_gemm.cu``, mma.sync m16n8k32 E4M3 with the weights as
   the 16-row MMA side; the 4-bit weights are streamed once (pre-shuffled so each lane loads
   16-byte vectors, 512 contiguous bytes per warp load, evict-first) and decoded by a PRMT table
   lookup; K split over CTAs (``splits``) with a deterministic in-kernel reduction.
-- M > ``SMALL_M`` (prefill): the weights are cast to FP8 once per call (``weight_to_fp8``, the
+- otherwise (prefill, large batches): the weights are cast to FP8 once per call (``weight_to_fp8``, the
   same PRMT decode) into a shared workspace, or taken from a kept FP8 copy, and multiplied with
   ``torch._scaled_mm`` (cuBLASLt, FP8 wgmma).
 
@@ -247,8 +247,8 @@ def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, out_dtype: torch
     m, k = a.shape
     if k != w.k:
         raise ValueError(f"W4A8 gemm: activations have K={k}, the weight K={w.k}")
-    if path == "auto":
-        path = "mma" if m <= SMALL_M else "scaled_mm"
+    if path == "auto":  # H100 measurements: benchmarks/kernels.json
+        path = "mma" if m <= 16 or (m <= SMALL_M and w.fp8 is None) else "scaled_mm"
     lorc_t = None
     if w.lorc_u is not None:
         lorc_t = torch.mm(a.float(), w.lorc_v.T)
