@@ -7,19 +7,20 @@ import torch
 
 from fp_export.numerics.formats import FP8_E4M3, decode, round_to_grid
 from fp_export.numerics.fp4_to_fp8 import fp4_to_fp8 as reference_cast
-from fp_export.numerics.scales import SHIFT_MAX, SHIFT_MIN
+from fp_export.numerics.fp4_to_fp8 import SHIFT_MAX, SHIFT_MIN
 from fp_export.runtime import w4a8_gemm as W
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# (N, K, group): odd N, K not a multiple of 128, groups of 32 / 64 / >= 128 (sub = 4, 2, 1), per channel
-SHAPES = [(384, 1024, 256), (200, 576, 64), (17, 96, 32), (96, 256, 256), (45, 640, 640)]
+# (N, K, group): odd N, K not a multiple of 128, groups of 32 / 64 / >= 128 (sub = 4, 2, 1), per channel,
+# a partial last group (576 = 2 * 256 + 64)
+SHAPES = [(384, 1024, 256), (200, 576, 64), (17, 96, 32), (96, 256, 256), (45, 640, 640), (40, 576, 256)]
 
 
 def random_weight(n, k, g, seed, lorc=False, bias=True, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
-    shift = torch.randint(SHIFT_MIN, SHIFT_MAX + 1, (n, k // g), dtype=torch.int8, generator=gen)
+    shift = torch.randint(SHIFT_MIN, SHIFT_MAX + 1, (n, -(-k // g)), dtype=torch.int8, generator=gen)
     w_scale = torch.rand(n, generator=gen) * 1e-3 + 1e-4
     b = torch.randn(n, generator=gen) if bias else None
     u = torch.randn(n, 8, generator=gen) * 0.1 if lorc else None
@@ -32,14 +33,16 @@ def random_weight(n, k, g, seed, lorc=False, bias=True, device="cpu"):
 def test_layout_round_trip_and_sub(n, k, g):
     w, packed, shift, *_ = random_weight(n, k, g, seed=n)
     p, s32 = W.unprepare(w)
-    assert torch.equal(p, packed) and torch.equal(s32, shift.repeat_interleave(g // 32, dim=1))
-    assert w.sub == {32: 4, 64: 2}.get(g, 1)
+    assert torch.equal(p, packed) and torch.equal(s32, shift.repeat_interleave(g // 32, dim=1)[:, : k // 32])
+    assert w.sub == {32: 4, 64: 2}.get(g, 1 if k % g == 0 or (k % g) % 128 == 0 else 2)
     assert w.wt.shape[:2] == (-(-n // 16), -(-k // 128)) and w.st.shape == (-(-n // 16), -(-k // 128), 16, w.sub)
 
 
 def test_layout_rejects_bad_shapes():
     with pytest.raises(ValueError, match="multiples of 32"):
         W.prepare(torch.zeros(4, 24, dtype=torch.uint8), torch.zeros(4, 3, dtype=torch.int8), 16, torch.ones(4))
+    with pytest.raises(ValueError, match="ceil"):
+        W.prepare(torch.zeros(4, 64, dtype=torch.uint8), torch.zeros(4, 3, dtype=torch.int8), 64, torch.ones(4))
 
 
 @pytest.mark.parametrize("n,k,g", SHAPES[:3])

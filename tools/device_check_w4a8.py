@@ -3,7 +3,6 @@ sweep the split-K count on L2-cold weights, timed inside CUDA graphs (results un
 fix the committed split rule (``w4a8_gemm.default_splits``)."""
 import itertools, json, os, sys, time
 import torch
-from triton.testing import do_bench
 from fp_export.runtime import w4a8_gemm as W
 from fp_export.runtime.fused_quant import quantize_rows
 

@@ -17,7 +17,6 @@ Entry point for ``fp_export.generate`` on CUDA: ``generate_cuda`` (signature as 
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -71,14 +70,10 @@ def _from_module(mod: nn.Module, kind: str, dev) -> dict:
     if isinstance(mod, QuantLinear):
         act, qw = mod.act, mod.qweight
         tok_fp8 = act is not None and act.format == "fp8_e4m3" and act.granularity != "tensor"
-        if kind == "w4a8" and tok_fp8 and qw is not None and qw.fmt.name == "fp4_e2m1" and qw.constraint != "none" \
-                and mod.in_features % 32 == 0 and (mod.in_features // qw.scale_exp.shape[1]) % 32 == 0:
-            from fp_export.numerics.formats import pack_nibbles
-            from fp_export.numerics.scales import shift_cast_params
-
-            shift, dq = shift_cast_params(qw.scale_exp, qw.row_scale)
-            return dict(kind="w4a8", packed=pack_nibbles(qw.codes), shift=shift, w_scale=dq, bias=mod.bias,
-                        u=mod.lorc_u, v=mod.lorc_v, group=mod.in_features // shift.shape[1])
+        sc = qw.to_shift_cast() if kind == "w4a8" and tok_fp8 and qw is not None else None
+        if sc is not None and mod.in_features % 32 == 0 and sc.group_size % 32 == 0:
+            return dict(kind="w4a8", packed=sc.packed, shift=sc.shift, w_scale=sc.dq_scale, bias=mod.bias,
+                        u=mod.lorc_u, v=mod.lorc_v, group=sc.group_size)
         if kind in ("w4a8", "fp8") and tok_fp8 and qw is not None and qw.fmt.name == "fp8_e4m3" \
                 and qw.scale.shape[1] == 1 and mod.lorc_u is None:
             return dict(kind="fp8", w8=qw.codes.view(torch.float8_e4m3fn), ws=qw.scale[:, 0].float(), bias=mod.bias)
@@ -300,20 +295,29 @@ class DecodeEngine:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, eos_token_id: int | None = None,
                  on_token: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Semantics of ``fp_export.generate``; returns int64 [B, n_new] on the CPU. Rows that have
-        produced ``eos_token_id`` keep emitting it until every row has (then generation stops)."""
-        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-            raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got {tuple(input_ids.shape)}")
+        """Semantics, checks and sampling rule of ``runtime.generate.generate`` (the reference loop;
+        the same ``next_tokens``, with a CPU generator seeded by ``seed``); returns int64 [B, n] on
+        the CPU, n <= max_new_tokens (rows that produced ``eos_token_id`` repeat it until all have)."""
+        from fp_export.runtime.generate import next_tokens
+
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got shape {tuple(input_ids.shape)}")
         if max_new_tokens < 1:
-            return torch.zeros(input_ids.shape[0], 0, dtype=torch.long)
-        gen = torch.Generator(device=self.dev)
-        gen.manual_seed(0 if seed is None else seed)
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        limit = getattr(self.cfg, "max_position_embeddings", None)
+        if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
+            raise ValueError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens {max_new_tokens} exceeds the "
+                             f"model's context of {limit} positions")
+        vocab = self.cfg.vocab_size
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab}); got {int(input_ids.min())}..{int(input_ids.max())}")
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         b, t = input_ids.shape
         logits, bucket = self.prefill(input_ids, max_new_tokens)
         out = []
         done = torch.zeros(b, dtype=torch.bool, device=self.dev)
         for i in range(max_new_tokens):
-            tok = sample(logits, temperature, top_k, top_p, gen)
+            tok = next_tokens(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
                 done |= tok == eos_token_id
@@ -324,23 +328,6 @@ class DecodeEngine:
                 break
             logits = self.step(tok, t + i, bucket)
         return torch.stack(out, dim=1).cpu()
-
-
-def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    """logits float32 [B, V] -> int64 [B]: argmax at temperature 0, else softmax(logits / T)
-    restricted to the top_k tokens (0: all) and the smallest set of probability >= top_p."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    x = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(x, min(top_k, x.shape[-1]), dim=-1).values[:, -1:]
-        x = x.masked_fill(x < kth, -math.inf)
-    if top_p < 1.0:
-        srt, idx = torch.sort(x, descending=True, dim=-1)
-        p = torch.softmax(srt, -1)
-        drop = p.cumsum(-1) - p > top_p
-        x = x.scatter(-1, idx, srt.masked_fill(drop, -math.inf))
-    return torch.multinomial(torch.softmax(x, -1), 1, generator=gen)[:, 0]
 
 
 def engine_for(model: nn.Module, kind: str = "w4a8", device: str | torch.device = "cuda") -> DecodeEngine:

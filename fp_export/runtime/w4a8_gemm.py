@@ -4,7 +4,7 @@
     acc[m, n] = sum_k a[m, k] * e4m3(fp4(code[n, k]) * 2**shift[n, k // G])
 
 a: float8_e4m3fn [M, K] (the token-quantized activations on the unit grid), a_scale float32 [M],
-w_scale float32 [N] (the per-channel dequantization scale of ``numerics.scales.shift_cast_params``),
+w_scale float32 [N] (``dq_scale`` of ``QuantizedWeight.to_shift_cast()``),
 t = a @ lorc_v^T float32 [M, r] and u = lorc_u [N, r] the optional LoRC factors, bias float32 [N].
 
 Two paths, chosen by the number of tokens M (fixed rules, no run-time tuning):
@@ -21,7 +21,7 @@ multiple of 16 and K to a multiple of 128 with zero codes; for 16-row tile T and
 ``wt[T, c, h, 4g + t]`` holds the 16 packed bytes (32 codes, standard nibble order) of row
 16T + 8h + g, codes 128c + 32t .. +31. Shifts are expanded to 32-code granularity and stored per
 (tile, chunk) as ``st[T, c, r, 0:sub]`` (sub = 1, 2 or 4 shifts per row and chunk: the fewest
-that represent the groups). Needs K % 32 == 0 and group_size % 32 == 0.
+that represent the groups). Needs K % 32 == 0 and group_size % 32 == 0 (a partial last group is fine).
 """
 
 from __future__ import annotations
@@ -86,17 +86,17 @@ def _check(packed: torch.Tensor, shift: torch.Tensor, group_size: int) -> tuple[
     k = 2 * half
     if packed.dtype != torch.uint8 or shift.dtype != torch.int8:
         raise ValueError(f"W4A8 weight: packed must be uint8 and shift int8, got {packed.dtype}, {shift.dtype}")
-    if k % 32 or group_size % 32 or k % group_size or shift.shape != (n, k // group_size):
+    if k % 32 or group_size % 32 or shift.shape != (n, -(-k // group_size)):
         raise ValueError(f"W4A8 weight: K={k}, group_size={group_size}, shift {tuple(shift.shape)}: needs K and "
-                         f"group_size multiples of 32 and shift [{n}, {k}/group_size]")
+                         f"group_size multiples of 32 and shift [{n}, ceil({k}/group_size)]")
     return n, k
 
 
 def prepare(packed: torch.Tensor, shift: torch.Tensor, group_size: int, w_scale: torch.Tensor,
             bias: torch.Tensor | None = None, lorc_u: torch.Tensor | None = None,
             lorc_v: torch.Tensor | None = None) -> W4A8Weight:
-    """packed uint8 [N, K/2] (standard nibble packing), shift int8 [N, K/group_size], w_scale
-    float32 [N] -> the kernel layout (on the inputs' device)."""
+    """packed uint8 [N, K/2] (standard nibble packing), shift int8 [N, ceil(K/group_size)] (the last
+    group may be partial), w_scale float32 [N] -> the kernel layout (on the inputs' device)."""
     n, k = _check(packed, shift, group_size)
     tiles, kc = -(-n // TILE_N), -(-k // CHUNK_K)
     np_, kp = tiles * TILE_N, kc * CHUNK_K
@@ -104,7 +104,7 @@ def prepare(packed: torch.Tensor, shift: torch.Tensor, group_size: int, w_scale:
     p[:n, : k // 2] = packed
     wt = p.view(tiles, 2, 8, kc, 4, 16).permute(0, 3, 1, 2, 4, 5).contiguous()
     s32 = torch.zeros(np_, kp // 32, dtype=torch.int8, device=packed.device)
-    s32[:n, : k // 32] = shift.repeat_interleave(group_size // 32, dim=1)
+    s32[:n, : k // 32] = shift.repeat_interleave(group_size // 32, dim=1)[:, : k // 32]  # last group may be partial
     s4 = s32.view(np_, kc, 4)
     if bool((s4 == s4[:, :, :1]).all()):
         s, sub = s4[:, :, :1], 1
