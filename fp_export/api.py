@@ -165,19 +165,25 @@ def generate(qm: QuantizedModel, input_ids: torch.Tensor, max_new_tokens: int, *
              ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` after ``input_ids`` int64 [batch, seq]; int64 [batch, n] out.
     Greedy at temperature 0, else sampled (top-k, top-p, ``seed``). ``on_token(step, tokens
-    [batch])`` streams each step. ``device`` None: CUDA (the GPU runtime) when available, else the
-    CPU reference."""
+    [batch])`` streams each step. ``device`` None: CUDA when available (LLaMA-family models through
+    the CUDA-graph decode engine of ``runtime.engine``, others through the GPU runtime), else the
+    CPU reference loop."""
     from fp_export.runtime.generate import generate as run
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = qm.model
-    if device != "cpu":
-        from fp_export.runtime.linear import to_gpu_runtime
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
+              on_token=on_token)
+    if device == "cpu":
+        return run(qm.model, ids, max_new_tokens, **kw)
+    from fp_export.hf.families import LLAMA, family_of
 
-        if device not in qm.runtimes:
-            qm.runtimes[device] = to_gpu_runtime(copy.deepcopy(model), device=device)
-        model = qm.runtimes[device]
-    return run(model, torch.as_tensor(input_ids, dtype=torch.long), max_new_tokens, temperature=temperature,
-               top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id, on_token=on_token)
+    if family_of(qm.model) is LLAMA:  # the CUDA-graph decode engine (static KV cache, fused kernels)
+        from fp_export.runtime.engine import generate_cuda
 
+        return generate_cuda(qm.model, ids, max_new_tokens, device=device, **kw)
+    from fp_export.runtime.linear import to_gpu_runtime
 
+    if device not in qm.runtimes:
+        qm.runtimes[device] = to_gpu_runtime(copy.deepcopy(qm.model), device=device)
+    return run(qm.runtimes[device], ids, max_new_tokens, **kw)

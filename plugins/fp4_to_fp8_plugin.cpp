@@ -1,8 +1,8 @@
 // fp-export TensorRT plugin: Fp4ToFp8 (namespace "fp_export", version "1"), an IPluginV3.
 //
-// Inputs: packed FP4 codes uint8 [rows, cols/2] and per-group shifts int8 [rows, cols/group];
+// Inputs: packed FP4 codes uint8 [rows, cols/2] and per-group shifts int8 [rows, ceil(cols/group)];
 // attribute group_size (int32). Output: FP8 E4M3 [rows, cols], the exact product
-// fp4 * 2^shift (fp_export/shiftcast.py). The ONNX node of the same name, domain and
+// fp4 * 2^shift (fp_export/numerics/fp4_to_fp8.py). The ONNX node of the same name, domain and
 // plugin_version/plugin_namespace attributes (fp_export/export/onnx.py) resolves to this
 // creator through TensorRT's plugin registry. The kernel is fp4_to_fp8.cu, shared with the
 // Python runtime through its C entry point.
@@ -85,7 +85,8 @@ class Fp4ToFp8Plugin : public IPluginV3, public IPluginV3OneCore, public IPlugin
   // IPluginV3OneRuntime
   int32_t onShapeChange(PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out,
                         int32_t nbOutputs) noexcept override {
-    return (in[0].dims.nbDims == 2 && in[1].dims.d[1] * mGroup == in[0].dims.d[1] * 2) ? 0 : 1;
+    int64_t const cols = in[0].dims.d[1] * 2;  // ceil(cols / group) shifts per row: the last group may be partial
+    return (in[0].dims.nbDims == 2 && in[1].dims.d[1] == (cols + mGroup - 1) / mGroup) ? 0 : 1;
   }
 
   int32_t enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc, void const* const* inputs,

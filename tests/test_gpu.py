@@ -29,6 +29,18 @@ def test_cast_kernel_every_code_and_shift(group):
     assert torch.equal(got, reference_cast(packed, shift, group))
 
 
+@pytest.mark.parametrize("cols,group", [(576, 256), (896, 256), (40, 16), (1000, 6)])
+def test_cast_kernel_partial_last_group(cols, group):
+    from fp_export.runtime.kernels import fp4_to_fp8
+
+    g = torch.Generator().manual_seed(1)
+    packed = torch.randint(0, 256, (37, cols // 2), dtype=torch.uint8, generator=g)
+    shift = torch.randint(SHIFT_MIN, SHIFT_MAX + 1, (37, -(-cols // group)), dtype=torch.int8, generator=g)
+    out = torch.full((37, cols), 0x7F, dtype=torch.uint8, device="cuda")
+    fp4_to_fp8(packed.cuda(), shift.cuda(), group, out=out)
+    assert torch.equal(out.cpu(), reference_cast(packed, shift, group))
+
+
 def test_cast_kernel_random_large():
     from fp_export.runtime.kernels import fp4_to_fp8
 

@@ -23,7 +23,8 @@ from fp_export.quant.gptq import HessianAccumulator, gptq
 from fp_export.quant.lorc import lorc_factors
 from fp_export.quant.qlinear import QuantLinear
 from fp_export.quant.quantizer import WeightQuantizer
-from fp_export.quant.recipe import Recipe
+from fp_export.quant.recipe import Recipe, WeightConfig
+from fp_export.quant.weights import QuantizedWeight
 
 Progress = Callable[[str, int, int], None]
 
@@ -64,19 +65,46 @@ def _run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> li
     return [o[0] if isinstance(o, tuple) else o for o in outs]
 
 
-def quantize_linear(
-    module: nn.Module, recipe: Recipe, hessian: torch.Tensor | None, input_amax: float, name: str = ""
-) -> QuantLinear:
-    """One linear by the recipe: GPTQ or RTN weights, LoRC, activation format and static scale."""
-    w = linear_weight(module)
-    bias = None if module.bias is None else module.bias.detach().float()
-    wc, qw = recipe.weights, w
-    if wc is not None:
-        quantizer = WeightQuantizer(wc.format, wc.group_size, wc.scale_constraint)
+def _needs_hessian(recipe: Recipe) -> bool:
+    w = recipe.weights
+    return w is not None and (w.method == "gptq" or bool(w.alternatives))
+
+
+def output_error(w: torch.Tensor, q: torch.Tensor, hessian: torch.Tensor | None) -> float:
+    """Layer output error of weight ``q`` for ``w`` [out, in]: tr(E H E^T) with E = w - q (the
+    calibration inputs' mean squared output error, up to a constant), ||E||^2 without a Hessian."""
+    e = (w - q).double()
+    return float((e * e).sum() if hessian is None else ((e @ hessian.to(e)) * e).sum())
+
+
+def quantize_weight(w: torch.Tensor, wc: WeightConfig, hessian: torch.Tensor | None, name: str) -> QuantizedWeight:
+    """GPTQ or RTN on the recipe's grid, or (``alternatives``, MoFQ) on the grid of least output error."""
+    best, best_err = None, float("inf")
+    for fmt in [wc.format, *wc.alternatives]:
+        quantizer = WeightQuantizer(fmt, wc.group_size, wc.scale_constraint if fmt == "fp4_e2m1" else "none")
         if wc.method == "gptq":
             qw = gptq(w, hessian, quantizer, wc.gptq.damp, wc.gptq.block_size, wc.gptq.act_order, name)
         else:
             qw = quantizer.rtn(w)
+        if not wc.alternatives:
+            return qw
+        err = output_error(w, qw.dequantize(), hessian)
+        if err < best_err:
+            best, best_err = qw, err
+    return best
+
+
+def quantize_linear(
+    module: nn.Module, recipe: Recipe, hessian: torch.Tensor | None, input_amax: float, name: str = ""
+) -> QuantLinear | nn.Module:
+    """One linear by the recipe as it applies to ``name`` (``Recipe.for_layer``): GPTQ or RTN
+    weights, LoRC, activation format and static scale; the module itself when nothing applies."""
+    recipe = recipe.for_layer(name)
+    if recipe.weights is None and recipe.activations is None:
+        return module
+    w = linear_weight(module)
+    bias = None if module.bias is None else module.bias.detach().float()
+    qw = w if recipe.weights is None else quantize_weight(w, recipe.weights, hessian, name)
     lorc = None
     if recipe.lorc is not None:
         lorc = lorc_factors(w - qw.dequantize(), recipe.lorc.rank, recipe.lorc.factor_format)
@@ -103,7 +131,7 @@ def quantize_model(
 
     ``state``: per-layer resume state; the layers an earlier run with the same fingerprint
     finished are loaded from it instead of recomputed, and each new layer is saved to it."""
-    if recipe.weights is None and recipe.activations is None:
+    if recipe.weights is None and recipe.activations is None and not recipe.overrides:
         return {}
     layers = decoder_layers(model)
     prefix = layer_prefix(model)
@@ -131,7 +159,7 @@ def _calibrate_and_replace(layer: nn.Module, recipe: Recipe, inputs: list, kwarg
     """Collect each linear's Hessian and input absmax over the calibration inputs, then replace it.
     Linears fed the same tensor (q/k/v, gate/up) share one Hessian and one absmax."""
     targets = linears(layer)
-    need_h = recipe.weights is not None and recipe.weights.method == "gptq"
+    need_h = any(_needs_hessian(recipe.for_layer(f"{where}.{n}")) for n in targets)
     accs: dict[str, HessianAccumulator] = {}
     owner: dict[str, str] = {}
     amax = dict.fromkeys(targets, 0.0)

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -30,12 +31,32 @@ class GPTQConfig(_Strict):
     act_order: bool = False
 
 
+WeightFormat = Literal["fp8_e4m3", "fp4_e2m1", "int8", "int4"]
+
+
+def _drop_empty(handler, obj, keys: tuple[str, ...]) -> dict:
+    """Serialize without the optional lists in ``keys`` when they are empty, so recipes that do not
+    use them keep the digest and manifest they had before the options existed."""
+    data = handler(obj)
+    return {k: v for k, v in data.items() if not (k in keys and not v)}
+
+
 class WeightConfig(_Strict):
-    format: Literal["fp8_e4m3", "fp4_e2m1", "int8", "int4"]
+    """Weight grid, group size (the last group of a row partial when it does not divide the row),
+    M1/M2 constraint, GPTQ or round-to-nearest. ``alternatives``: other grids to try per layer
+    (MoFQ, arXiv 2305.12356): each linear keeps the grid with the least output error
+    tr((W - Q) H (W - Q)^T) on its calibration Hessian; the constraint applies to fp4_e2m1 only."""
+
+    format: WeightFormat
     group_size: int | None = Field(256, ge=2)
     scale_constraint: Literal["none", "m1", "m2"] = "none"
     method: Literal["rtn", "gptq"] = "gptq"
     gptq: GPTQConfig = GPTQConfig()
+    alternatives: list[WeightFormat] = []
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler):
+        return _drop_empty(handler, self, ("alternatives",))
 
     @model_validator(mode="after")
     def _constraint_needs_fp4(self) -> "WeightConfig":
@@ -59,6 +80,26 @@ class ActivationConfig(_Strict):
     granularity: Literal["token", "tensor"] = "token"
 
 
+class Override(_Strict):
+    """Per-layer exceptions: linears whose qualified name matches the regular expression ``match``
+    (``re.search``) take the ``weights`` / ``activations`` / ``lorc`` given here instead of the
+    recipe's; a key given as null turns that part off (``weights: null`` keeps 16-bit weights)."""
+
+    match: str
+    weights: WeightConfig | None = None
+    activations: ActivationConfig | None = None
+    lorc: LoRCConfig | None = None
+
+    @field_validator("match")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a regular expression: {e}") from None
+        return v
+
+
 class CalibrationConfig(_Strict):
     """Calibration windows: ``source`` is a split of the packaged corpus or a text file path;
     ``seqlen`` is capped at the model's max_position_embeddings."""
@@ -76,12 +117,28 @@ class Recipe(_Strict):
     activations: ActivationConfig | None = None
     lorc: LoRCConfig | None = None
     calibration: CalibrationConfig = CalibrationConfig()
+    overrides: list[Override] = []
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler):
+        return _drop_empty(handler, self, ("overrides",))
 
     @model_validator(mode="after")
     def _lorc_needs_weights(self) -> "Recipe":
         if self.lorc is not None and self.weights is None:
             raise ValueError("lorc needs quantized weights")
         return self
+
+    def for_layer(self, name: str) -> "Recipe":
+        """The recipe as it applies to the linear ``name`` (overrides applied in order)."""
+        r = self
+        for o in self.overrides:
+            if re.search(o.match, name):
+                update = {k: getattr(o, k) for k in ("weights", "activations", "lorc") if k in o.model_fields_set}
+                r = r.model_copy(update=update)
+        if r.lorc is not None and r.weights is None:
+            r = r.model_copy(update={"lorc": None})
+        return r
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of the recipe: names it in manifests and resume state."""

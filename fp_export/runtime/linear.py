@@ -22,7 +22,7 @@ from fp_export.numerics.scales import token_scales
 from fp_export.quant.activations import ActivationQuantizer
 from fp_export.quant.qlinear import QuantLinear
 from fp_export.runtime.kernels import fp4_to_fp8
-from fp_export.runtime.layout import repack_split, unsplit
+from fp_export.runtime.layout import BLOCK_K, repack_split, unsplit
 
 MODES = ("fused", "cast", "auto")
 AUTO_FUSED_MAX_M = 64  # "auto": the fused kernel up to this many tokens, cast + _scaled_mm beyond
@@ -89,6 +89,8 @@ class GpuQuantLinear(nn.Module):
     def _set_fp4(self, packed: torch.Tensor, shift: torch.Tensor, w_scale: torch.Tensor, group_size: int) -> None:
         self.kind = "fp4_shift"
         self.group_size = group_size
+        if group_size % BLOCK_K or self.in_features % group_size:
+            self.mode = "cast"  # the fused Triton kernel needs whole groups of multiples of BLOCK_K
         self.register_buffer("packed", packed if self.mode != "fused" else None)
         self.register_buffer("split", repack_split(packed) if self.mode != "cast" else None)
         self.register_buffer("shift", shift)
