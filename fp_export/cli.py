@@ -291,13 +291,15 @@ def serve(
     except ServerUnavailable as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
-    out.print(f"tritonserver ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  (Ctrl-C stops it)")
-    try:
+    try:  # from here on, Ctrl-C (KeyboardInterrupt) stops the server
+        out.print(f"tritonserver ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  (Ctrl-C stops it)",
+                  soft_wrap=True)
         while server.process.poll() is None:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
-    code = server.stop()
+    finally:
+        code = server.stop()
     out.print(f"tritonserver stopped (exit code {code})")
     if code not in (0, -2):
         raise typer.Exit(1)
