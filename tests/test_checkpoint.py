@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from fp_export.checkpoint.layout import CheckpointError, load_checkpoint
 from fp_export.hf.loading import DEFAULT_MODEL
-from fp_export.ptq.job import quantize_to_checkpoint, state_dir_for
+from fp_export.checkpoint.resume import state_dir_for
+from fp_export.ptq.job import quantize_to_checkpoint
 from fp_export.quant.qlinear import QuantLinear
 from fp_export.ptq.sequential import quantize_model
 

@@ -97,7 +97,7 @@ def test_unknown_recipe_key_and_bad_group(tmp_path):
 
 
 def test_every_bundled_recipe_loads():
-    from fp_export.ptq.recipe import bundled_recipes, load_recipe
+    from fp_export.quant.recipe import bundled_recipes, load_recipe
 
     names = bundled_recipes()
     assert {"w16a16", "w8a8-int8", "w8a8-fp8", "w4a8-int4", "w4a8-fp4", "w4a8-fp4-lorc", "w4a8-fp4-m1",

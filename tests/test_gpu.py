@@ -80,7 +80,7 @@ def test_fused_w4a8_matches_reference(m, kernel, asm):
 def checkpoint(tmp_path_factory):
     from fp_export.hf.loading import DEFAULT_MODEL
     from fp_export.ptq.job import quantize_to_checkpoint
-    from fp_export.ptq.recipe import load_recipe
+    from fp_export.quant.recipe import load_recipe
 
     r = load_recipe("w4a8-fp4-m2-lorc")
     r = r.model_copy(update={"calibration": r.calibration.model_copy(update={"nsamples": 8, "seqlen": 256})})
@@ -121,13 +121,8 @@ def test_gpu_generation(checkpoint):
 
 
 def test_validate_gpu_backend(checkpoint):
-    from fp_export.checkpoint.layout import load_checkpoint
-    from fp_export.data.corpus import load_text
-    from fp_export.evaluate.perplexity import eval_windows, tokenize
-    from fp_export.validate.gpu import compare_gpu
+    import fp_export as fx
 
-    cpu, tok, _ = load_checkpoint(checkpoint)
-    ids = eval_windows(tokenize(tok, load_text("test")), 512, 8)
-    report = compare_gpu(cpu, checkpoint, None, ids)
+    report = fx.validate(fx.load(checkpoint), backend="gpu", precision="float32", windows=8)
     print(report)
     assert report["passed"] and report["perplexity_rel_diff"] < 0.005, report

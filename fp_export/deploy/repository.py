@@ -31,7 +31,9 @@ from pathlib import Path
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-MODEL_TEMPLATE = Path(__file__).with_name("triton_python_model.py")
+# model.py of python-backend models; kept as a template (not a module of this package): it runs in the
+# server's python backend, imports triton_python_backend_utils and uses the public API (fp_export.load/generate)
+MODEL_TEMPLATE = Path(__file__).with_name("triton_python_model.py.tmpl")
 WEIGHT_FILES = ("model.safetensors",)
 ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16", 7: "TYPE_INT64", 6: "TYPE_INT32", 9: "TYPE_BOOL"}
 
@@ -172,7 +174,8 @@ def deploy(model: str | Path, repo: str | Path, name: str | None = None, backend
     Raises DeployError / FileExistsError / CheckpointError-family errors before writing anything,
     and ``fp_export.build.engine.BuildUnavailable`` for tensorrt without TensorRT.
     """
-    import fp_export as fx
+    from fp_export.checkpoint.layout import MANIFEST, WEIGHTS, load_checkpoint, read_manifest
+    from fp_export.hf.loading import check_model_dir, load_model
 
     model, repo = Path(model), Path(repo)
     if not model.is_dir():
@@ -195,8 +198,11 @@ def deploy(model: str | Path, repo: str | Path, name: str | None = None, backend
 
         import_tensorrt()
         plugin = Path(plugin) if plugin else PLUGIN_LIB
+    checkpoint = (model / MANIFEST).is_file()
+    manifest = read_manifest(model) if checkpoint else None  # verifies every file's sha256
+    if not checkpoint:
+        check_model_dir(model)
     serving_env = check_env(Path(env) if env else None) if backend == "python" else None
-    qm = fx.load(model)
 
     repo.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{repo.name}.deploy-", dir=repo.resolve().parent))
@@ -204,16 +210,26 @@ def deploy(model: str | Path, repo: str | Path, name: str | None = None, backend
         root = stage / "repo"
         command = f"fp-export serve --repo {repo}"
         if backend == "python":
-            write_python_models(root, name, qm.path, serving_env, max_batch_size, device)
+            write_python_models(root, name, model, serving_env, max_batch_size, device)
         else:
-            _copy_checkpoint(qm.path, root / name / "1" / "checkpoint", weights=False)
-            onnx_file = stage / "model.onnx"
-            proto = fx.export_onnx(qm, onnx_file, reference=backend == "onnxruntime")
+            import onnx
+
+            from fp_export.export.onnx import export_model
+
+            net = load_checkpoint(model)[0] if checkpoint else load_model(model)[0]
+            meta = {} if manifest is None else {"fp_export.recipe": manifest["recipe"]["name"],
+                                                "fp_export.checkpoint_sha256": manifest["files"][WEIGHTS],
+                                                "fp_export.reference": int(backend == "onnxruntime")}
+            onnx_file = export_model(net, stage / "model.onnx", backend == "onnxruntime", meta)
+            proto = onnx.load(onnx_file, load_external_data=False)
+            _copy_checkpoint(model, root / name / "1" / "checkpoint", weights=False)
             if backend == "onnxruntime":
                 write_onnxruntime_model(root / name, name, onnx_file, proto)
                 command = f"tritonserver --model-repository={repo.resolve()}  (needs Triton's onnxruntime backend)"
             else:
-                plan = fx.build_engine(onnx_file, stage / "model.plan", plugin=plugin)
+                from fp_export.build.engine import build_engine
+
+                plan = build_engine(onnx_file, stage / "model.plan", plugin)
                 write_tensorrt_model(root / name, name, plan, plugin, proto)
                 command = tritonserver_command(repo, repo / name / plugin.name)
         _publish(root, repo, names)

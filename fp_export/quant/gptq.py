@@ -1,34 +1,37 @@
-"""GPTQ (Frantar et al., arXiv 2210.17323) over any weight grid of ``formats``.
+"""GPTQ (Frantar et al., arXiv 2210.17323): the algorithm alone, over any ``WeightQuantizer``.
 
 Columns are quantized one at a time; each column's error, divided by the diagonal of the upper
 Cholesky factor of H^-1, is fed back to the columns not yet quantized. Updates are applied lazily
 in blocks of ``block_size`` columns. H = 2/n X X^T of the layer's calibration inputs, damped by
-``damp`` times its mean diagonal. Group scales (and M1/M2 exponents) are chosen at each group's
-first column from the already-updated weights, as the reference implementation does; with
-act-order they are fixed up front from the unquantized weight ("static groups"), so every group
-keeps one scale however its columns are permuted.
+``damp`` times its mean diagonal (raised tenfold, up to ``MAX_DAMP_RETRIES`` times, while H is not
+positive definite, with a warning). Group scales are chosen at each group's first column from the
+already-updated weights, as the reference implementation does; with act-order (or per channel)
+they are fixed up front from the unquantized weight ("static groups").
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from fp_export.numerics.formats import get_format
-from fp_export.ptq.recipe import GPTQConfig
-from fp_export.numerics.scales import Constraint, group_amax, group_scales, row_reference, weight_scales
-from fp_export.quant.weights import QuantizedWeight, dequantize, quantize_columns
+from fp_export.quant.quantizer import WeightQuantizer
+from fp_export.quant.weights import QuantizedWeight
+
+log = logging.getLogger("fp_export")
+MAX_DAMP_RETRIES = 3
 
 
 class HessianAccumulator:
-    """Running H = 2/n sum x x^T over calibration rows x [in] (float64, order-independent sum)."""
+    """Running H = 2/n sum x x^T over calibration rows x [in] (float64, on ``device``)."""
 
-    def __init__(self, in_features: int):
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
         """``x``: any [..., in] input batch to the layer."""
-        x = x.reshape(-1, x.shape[-1]).double()
+        x = x.reshape(-1, x.shape[-1]).to(self.sum.device, torch.float64)
         self.sum += x.T @ x
         self.rows += x.shape[0]
 
@@ -38,74 +41,60 @@ class HessianAccumulator:
         return (2.0 / self.rows) * self.sum
 
 
-def gptq_quantize(
-    w: torch.Tensor,
-    hessian: torch.Tensor,
-    fmt_name: str,
-    group_size: int | None,
-    constraint: Constraint,
-    cfg: GPTQConfig,
-) -> QuantizedWeight:
-    """Quantize ``w`` [out, in] with GPTQ given ``hessian`` [in, in]. Returns the codes and scales;
-    its ``dequantize()`` is the weight the error feedback assumed, bit for bit."""
-    fmt = get_format(fmt_name)
+def inverse_cholesky(H: torch.Tensor, damp: float, name: str = "") -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, float32. Retries with tenfold
+    damping while H is not positive definite; raises after ``MAX_DAMP_RETRIES``."""
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    mean_diag = torch.mean(torch.diag(H))
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if int(info) == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+        if attempt < MAX_DAMP_RETRIES:
+            log.warning("%s: Hessian not positive definite with damp %g; retrying with %g", name or "layer",
+                        damp, damp * 10)
+            damp *= 10
+    raise ValueError(f"{name or 'layer'}: Hessian not positive definite even with damp {damp:g}")
+
+
+def gptq(w: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer, damp: float = 0.01,
+         block_size: int = 128, act_order: bool = False, name: str = "") -> QuantizedWeight:
+    """Quantize ``w`` [out, in] given ``hessian`` [in, in] (same device). Returns the codes and
+    scales; its ``dequantize()`` is the weight the error feedback assumed, bit for bit."""
     W = w.detach().float().clone()
     out_f, in_f = W.shape
-    G = in_f if group_size is None else group_size
-    if in_f % G:
-        raise ValueError(f"group size {G} does not divide in_features {in_f}")
     H = hessian.double().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    ref = row_reference(W, fmt, constraint)
-    n_groups = in_f // G
-    scale = torch.zeros(out_f, n_groups)
-    exp = torch.zeros(out_f, n_groups, dtype=torch.int8) if constraint != "none" else None
-    static = cfg.act_order or group_size is None
+    quantizer.begin(W)
+    static = act_order or quantizer.group_size is None
     if static:
-        s, e, _ = weight_scales(W, fmt, group_size, constraint)
-        scale.copy_(s)
-        if exp is not None:
-            exp.copy_(e)
-
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if cfg.act_order else None
+        quantizer.fit_all(W)
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-    H += cfg.damp * torch.mean(torch.diag(H)) * torch.eye(in_f, dtype=H.dtype)
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+    Hinv = inverse_cholesky(H, damp, name)
 
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
-    for i1 in range(0, in_f, cfg.block_size):
-        i2 = min(i1 + cfg.block_size, in_f)
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
+    order = perm.tolist() if perm is not None else range(in_f)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            orig = int(perm[col]) if perm is not None else col
-            g = orig // G
-            if not static and orig % G == 0:
-                amax = group_amax(_group_now(W, W1, i, col, G), None)
-                s, e = group_scales(amax, fmt, constraint, ref)
-                scale[:, g] = s[:, 0]
-                if exp is not None:
-                    exp[:, g] = e[:, 0]
-            s_col = scale[:, g : g + 1]
-            c = quantize_columns(W1[:, i : i + 1], s_col, fmt)
+            orig = order[col]
+            g = quantizer.group_of(orig)
+            if not static and orig == g * quantizer.group_size:
+                width = quantizer.columns_of(g)
+                inside = min(width, W1.shape[1] - i)
+                quantizer.fit_group(g, torch.cat([W1[:, i : i + inside], W[:, col + inside : col + width]], dim=1))
+            c, q = quantizer.quantize(W1[:, i : i + 1], g)
             codes[:, orig] = c[:, 0]
-            q = dequantize(c, fmt, scale[:, g : g + 1], None if exp is None else exp[:, g : g + 1],
-                           ref.row_scale)[:, 0]
-            err = (W1[:, i] - q) / Hinv1[i, i]
+            err = (W1[:, i] - q[:, 0]) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return QuantizedWeight(fmt, group_size, constraint, codes, scale, exp, ref.row_scale)
-
-
-def _group_now(W: torch.Tensor, W1: torch.Tensor, i: int, col: int, G: int) -> torch.Tensor:
-    """Current values [out, G] of columns col..col+G: those inside the lazy block from W1 (with
-    every update so far), those past it from W (updated up to the block's start)."""
-    inside = min(G, W1.shape[1] - i)
-    return torch.cat([W1[:, i : i + inside], W[:, col + inside : col + G]], dim=1)
+    return quantizer.result(codes)
