@@ -84,14 +84,15 @@ def test_onnxruntime_repository(quantized, tmp_path):
     ckpt = sorted(p.name for p in (d / "1" / "checkpoint").iterdir())
     assert "fp_export.json" in ckpt and "tokenizer.json" in ckpt and "model.safetensors" not in ckpt
     assert res["models"] == ["kjv_ort"] and find_stray(tmp_path) == []
+    import onnx
     import onnxruntime as ort
 
+    meta = {p.key: p.value for p in onnx.load(d / "1" / "model.onnx", load_external_data=False).metadata_props}
+    assert meta["fp_export.reference"] == "1" and meta["fp_export.recipe"] == RECIPE
+    # the graph's agreement with PyTorch is validate's subject (tests/test_export.py); here: it runs as deployed
     sess = ort.InferenceSession(str(d / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    ids = np.array([PROMPTS[0]], dtype=np.int64)
-    ref = fx.load(quantized(RECIPE)).model(input_ids=torch.from_numpy(ids)).logits.detach().numpy()
-    got = sess.run(["logits"], {"input_ids": ids})[0]
-    # the reference graph in float32 vs PyTorch in float32: rounding noise only (validate's tolerances)
-    assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()
+    got = sess.run(["logits"], {"input_ids": np.array([PROMPTS[0]], dtype=np.int64)})[0]
+    assert got.shape == (1, 4, vocab) and np.isfinite(got).all()
 
 
 def test_tensorrt_config_with_fake_plan(reference_onnx, tmp_path):
