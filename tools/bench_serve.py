@@ -125,17 +125,17 @@ def markdown(report: dict) -> str:
              f"Server {report['server']}; prompt {a['prompt_len']} random token ids, {a['max_tokens']} generated "
              f"tokens (greedy), {a['requests_per_client']} requests per client, stream={a['stream']}; "
              f"median of {a['repeats']} runs with [min..max].", "",
-             "| model | concurrency | requests/s | tokens/s | p50 ms | p99 ms | vs baseline tokens/s |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | concurrency | requests/s | tokens/s | p50 ms | p99 ms | first token p50 ms | vs baseline tokens/s |",
+             "|---|---|---|---|---|---|---|---|"]
     base = report["models"][0]
     for m in report["models"]:
         for c, s in report["results"][m].items():
             def cell(k):
-                v = s[k]
-                return f"{v['median']:.1f} [{v['min']:.1f}..{v['max']:.1f}]"
+                v = s.get(k)
+                return f"{v['median']:.1f} [{v['min']:.1f}..{v['max']:.1f}]" if v else "-"
             ratio = s["tokens_per_s"]["median"] / report["results"][base][c]["tokens_per_s"]["median"]
             lines.append(f"| {m} | {c} | {cell('requests_per_s')} | {cell('tokens_per_s')} | {cell('p50_ms')} | "
-                         f"{cell('p99_ms')} | {ratio:.2f}x |")
+                         f"{cell('p99_ms')} | {cell('ttft_p50_ms')} | {ratio:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default=None, help="what the server runs on, for the report")
     ap.add_argument("--out", type=Path, required=True, help="writes <out>.json and <out>.md")
     a = ap.parse_args(argv)
+    if len(set(a.model)) != len(a.model):
+        ap.error(f"--model names repeat ({', '.join(a.model)}): give each model once")
     import tritonclient.grpc as tg
 
     client = tg.InferenceServerClient(a.url)
