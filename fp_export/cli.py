@@ -1,5 +1,5 @@
-"""``fp-export``: quantize, eval, export, validate, build, generate. Each command parses its
-options, calls the Python API (``fp_export``) and prints; bad input exits 2 with one clear line."""
+"""``fp-export``: quantize, eval, export, validate, build, generate, deploy, serve. Each command parses
+its options, calls the Python API (``fp_export``) and prints; bad input exits 2 with one clear line."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -40,7 +41,7 @@ def user_errors():
     try:
         yield
     except _user_errors() as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -229,3 +230,58 @@ def generate(
         fx.generate(qm, ids, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                     eos_token_id=qm.tokenizer.eos_token_id, on_token=stream, device=device)
     out.print()
+
+
+@app.command()
+def deploy(
+    model: Path = typer.Option(..., help="fp-export checkpoint (or plain HF model) directory."),
+    repo: Path = typer.Option(..., help="Triton model repository to write (created, or models added to it)."),
+    name: Optional[str] = typer.Option(None, help="Model name (default: the checkpoint directory's name)."),
+    backend: str = typer.Option("python", help="python (generation + logits, runs here), onnxruntime or tensorrt."),
+    env: Optional[Path] = typer.Option(None, help="python backend: the virtual environment the models run in "
+                                                  "(EXECUTION_ENV_PATH; default: this one)."),
+    plugin: Optional[Path] = typer.Option(None, help="tensorrt: plugin library (default plugins/build/libfp_export_trt_plugin.so)."),
+    max_batch_size: int = typer.Option(8, min=1, help="python: dynamic batch limit of the generation model."),
+    device: str = typer.Option("", help="python: generation device, '' = CUDA when available, cpu or cuda."),
+    overwrite: bool = typer.Option(False, help="Replace models of the same name in the repository."),
+):
+    """Write a Triton Inference Server model repository for a checkpoint."""
+    from fp_export.deploy import deploy as deploy_repo
+
+    _quiet_transformers()
+    with user_errors():
+        res = deploy_repo(model, repo, name, backend, env, overwrite, plugin, max_batch_size, device)
+    out.print(f"wrote {res['repository']}: models {', '.join(res['models'])} ({res['backend']} backend)")
+    out.print(f"serve it with: {res['command']}", highlight=False)
+
+
+@app.command()
+def serve(
+    repo: list[Path] = typer.Option(..., help="Model repository (repeat for several)."),
+    http_port: int = typer.Option(8000, min=0, max=65535, help="HTTP port (0: a free one)."),
+    grpc_port: int = typer.Option(8001, min=0, max=65535, help="gRPC port (0: a free one)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind HTTP and gRPC to."),
+    log: Optional[Path] = typer.Option(None, help="Write the server's log to this file (default: the terminal)."),
+    timeout: float = typer.Option(300.0, min=1, help="Seconds to wait for the server to be ready."),
+):
+    """Start the bundled Triton Inference Server on a repository; Ctrl-C stops it."""
+    from fp_export.deploy import ServerUnavailable, serve as start_server
+
+    try:
+        with user_errors():
+            server = start_server(repo, http_port, grpc_port, host, log, timeout=timeout)
+    except ServerUnavailable as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        raise typer.Exit(2) from None
+    try:  # from here on, Ctrl-C (KeyboardInterrupt) stops the server
+        out.print(f"tritonserver ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  (Ctrl-C stops it)",
+                  soft_wrap=True)
+        while server.process.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        code = server.stop()
+    out.print(f"tritonserver stopped (exit code {code})")
+    if code not in (0, -2):
+        raise typer.Exit(1)
