@@ -24,8 +24,14 @@ class ModelError(ValueError):
 
 
 def check_model_dir(path: str | Path) -> Path:
-    """Validate a local HF model directory: config.json plus safetensors weights, no pickle."""
+    """Validate a local HF model directory: config.json plus safetensors weights, no pickle.
+    A ``.gguf`` file is converted (cached, ``fp_export.hf.gguf.resolve_model``) and its directory
+    returned."""
     p = Path(path)
+    if p.suffix.lower() == ".gguf":
+        from fp_export.hf.gguf import resolve_model
+
+        p = resolve_model(p)
     if not p.exists():
         hint = " (Hugging Face Hub ids cannot be fetched offline: pass a local model directory)" \
             if "/" in str(path) and not str(path).startswith((".", "/")) else ""
