@@ -59,7 +59,9 @@ def checkpoint_tensors(
     model: nn.Module, qlayers: dict[str, QuantLinear], orig_dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint by name: non-quantized ones cast back to ``orig_dtype``
-    (tied duplicates dropped: the config re-ties them), then each quantized linear's tensors."""
+    (tied duplicates dropped: the config re-ties them), then each quantized linear's tensors
+    (an activation-only linear's ``weight`` also in ``orig_dtype``: the float32 copy was upcast
+    from it, so the cast back is exact)."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, t in model.state_dict(keep_vars=False).items():
@@ -68,7 +70,10 @@ def checkpoint_tensors(
         seen.add(t.data_ptr())
         out[name] = (t.to(orig_dtype) if t.is_floating_point() else t).contiguous()
     for qname, m in qlayers.items():
-        out.update({f"{qname}.{k}": v.contiguous() for k, v in m.tensors().items()})
+        t = m.tensors()
+        if m.qweight is None:  # activation-only: the weight as loaded, in the model's dtype (lossless)
+            t["weight"] = t["weight"].to(orig_dtype)
+        out.update({f"{qname}.{k}": v.contiguous() for k, v in t.items()})
     return out
 
 
