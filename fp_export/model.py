@@ -17,6 +17,7 @@ from torch import nn
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "kjv-llama-15m"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 class ModelError(ValueError):
@@ -62,6 +63,12 @@ def load_model(path: str | Path = DEFAULT_MODEL):
 
     p = check_model_dir(path)
     config = AutoConfig.from_pretrained(p, local_files_only=True)
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in archs):
+        raise ModelError(
+            f"model {p / 'config.json'}: architectures {archs} (model_type {config.model_type!r}) is not a "
+            f"causal LM; fp-export quantizes causal LMs (architectures ending in {' or '.join(CAUSAL_LM_SUFFIXES)})"
+        )
     orig_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     if isinstance(orig_dtype, str):
         orig_dtype = getattr(torch, orig_dtype)
@@ -90,8 +97,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                 break
         if isinstance(obj, nn.ModuleList):
             return obj
+    archs = getattr(getattr(model, "config", None), "architectures", None)
+    named = f"{archs} in config.json, loaded as {type(model).__name__}" if archs else type(model).__name__
     raise ModelError(
-        f"unsupported architecture {type(model).__name__}: no decoder layer list found "
+        f"unsupported architecture {named}: no decoder layer list found "
         "(supported: LLaMA/Mistral/Qwen2 model.layers, OPT model.decoder.layers, GPT-2 transformer.h)"
     )
 

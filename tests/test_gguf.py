@@ -149,3 +149,4 @@ def test_convert_errors_exit_2(tmp_path):
 def test_convert_refuses_existing_out(gguf_file, converted):
     r = CliRunner().invoke(app, ["convert", "--gguf", str(gguf_file), "--out", str(converted)])
     assert r.exit_code == 2 and "exists" in " ".join(r.output.split())
+
