@@ -56,16 +56,31 @@ def tokens_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
-def run_config(model_dir: Path, key: str, calib: torch.Tensor, max_windows: int | None) -> dict:
+class OnDevice(torch.nn.Module):
+    """``model`` on ``device`` behind the CPU interface ``evaluate.perplexity`` calls: int64 ids
+    [1, S] on the CPU in, ``.logits`` float32 [1, S, V] on the CPU out."""
+
+    def __init__(self, model: torch.nn.Module, device: str):
+        super().__init__()
+        self.model, self.device, self.config = model, device, model.config
+
+    def forward(self, ids: torch.Tensor, **kw):
+        out = self.model(ids.to(self.device), **kw)
+        out.logits = out.logits.float().cpu()
+        return out
+
+
+def run_config(model_dir: Path, key: str, calib: torch.Tensor, max_windows: int | None, device: str) -> dict:
     import modelopt.torch.quantization as mtq
 
     model, tok, _ = load_model(model_dir)
+    model.to(device)
     cfg = getattr(mtq, CONFIGS[key][0])
 
     def forward_loop(m):
         with torch.no_grad():
             for row in calib:
-                m(row[None], use_cache=False)
+                m(row[None].to(device), use_cache=False)
 
     t0, c0 = time.time(), time.process_time()
     mtq.quantize(model, cfg, forward_loop)
@@ -73,8 +88,8 @@ def run_config(model_dir: Path, key: str, calib: torch.Tensor, max_windows: int 
     quantized = sum(1 for n, m in model.named_modules() if n.endswith("weight_quantizer") and m.is_enabled)
     ids = tokenize(tok, load_text("test"))
     t1, c1 = time.time(), time.process_time()
-    res = perplexity(model, ids, model_seqlen(model), max_windows)
-    return {"config": key, "modelopt_config": CONFIGS[key][0], "description": CONFIGS[key][1], **res,
+    res = perplexity(OnDevice(model, device), ids, model_seqlen(model), max_windows)
+    return {"config": key, "device": device, "modelopt_config": CONFIGS[key][0], "description": CONFIGS[key][1], **res,
             "quantized_linears": quantized,
             "quantize_seconds": round(quant_s, 1), "quantize_cpu_seconds": round(quant_cpu, 1),
             "eval_seconds": round(time.time() - t1, 1), "eval_cpu_seconds": round(time.process_time() - c1, 1),
@@ -111,6 +126,7 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=None, help="limit evaluation windows")
     ap.add_argument("--ours", type=Path, default=None, help="paper_table JSON of the same model")
     ap.add_argument("--out", type=Path, default=Path("benchmarks"))
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (float32 model and fake quantization there)")
     args = ap.parse_args()
 
     model_dir = check_model_dir(args.model)
@@ -120,7 +136,7 @@ def main() -> None:
     calib = calibration_batch(tokenize(tok, load_text("train")), args.nsamples, seqlen, 0)
     del model
     report = {
-        "model": name, "device": device_name(),
+        "model": name, "device": device_name() if args.device == "cpu" else torch.cuda.get_device_name(),
         "versions": {p: version(p) for p in ("nvidia-modelopt", "torch", "transformers")},
         "calibration": {"source": "train", "nsamples": args.nsamples, "seqlen": seqlen, "seed": 0,
                         "tokens_sha256": tokens_sha256(calib)},
@@ -130,7 +146,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     ours = json.loads(args.ours.read_text()) if args.ours else []
     for key in args.configs:
-        report["rows"].append(run_config(model_dir, key, calib, args.max_windows))
+        report["rows"].append(run_config(model_dir, key, calib, args.max_windows, args.device))
         print(json.dumps(report["rows"][-1]), flush=True)
         # rewritten after every configuration so a long run leaves its finished rows
         (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
