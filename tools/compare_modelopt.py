@@ -127,6 +127,9 @@ def main() -> None:
     ap.add_argument("--ours", type=Path, default=None, help="paper_table JSON of the same model")
     ap.add_argument("--out", type=Path, default=Path("benchmarks"))
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (float32 model and fake quantization there)")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of an existing modelopt_<model>.json made with the same calibration windows, "
+                         "replacing those of the configurations run now")
     args = ap.parse_args()
 
     model_dir = check_model_dir(args.model)
@@ -145,6 +148,12 @@ def main() -> None:
     stem = f"modelopt_{name}"
     args.out.mkdir(parents=True, exist_ok=True)
     ours = json.loads(args.ours.read_text()) if args.ours else []
+    old = args.out / f"{stem}.json"
+    if args.append and old.is_file():
+        prev = json.loads(old.read_text())
+        if prev["calibration"]["tokens_sha256"] != report["calibration"]["tokens_sha256"]:
+            raise SystemExit(f"{old}: made with other calibration windows; run without --append")
+        report["rows"] = [r for r in prev["rows"] if r["config"] not in args.configs]
     for key in args.configs:
         report["rows"].append(run_config(model_dir, key, calib, args.max_windows, args.device))
         print(json.dumps(report["rows"][-1]), flush=True)
