@@ -1,8 +1,10 @@
-"""``fp-export``: quantize, eval, export, validate, build. Bad input exits 2 with one clear line."""
+"""``fp-export``: quantize, eval, export, validate, build, generate. Each command parses its
+options, calls the Python API (``fp_export``) and prints; bad input exits 2 with one clear line."""
 
 from __future__ import annotations
 
 import json
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -12,7 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fp_export.model import DEFAULT_MODEL
+import fp_export as fx
+from fp_export import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
@@ -22,12 +25,12 @@ MODEL_HELP = "Local Hugging Face model directory or .gguf file (default: the emb
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from fp_export.checkpoint import CheckpointError
-    from fp_export.export.onnx import ExportError
-    from fp_export.model import ModelError
-    from fp_export.recipe import RecipeError
+    from fp_export.build.engine import BuildUnavailable
+    from fp_export.checkpoint.layout import CheckpointError
+    from fp_export.hf.loading import ModelError
+    from fp_export.quant.recipe import RecipeError
 
-    return (CheckpointError, ExportError, ModelError, RecipeError, FileNotFoundError, FileExistsError,
+    return (BuildUnavailable, CheckpointError, ModelError, RecipeError, FileNotFoundError, FileExistsError,
             ValueError)
 
 
@@ -77,24 +80,16 @@ def quantize(
     max_eval_windows: Optional[int] = typer.Option(None, min=1, help="Limit evaluation windows."),
 ):
     """Quantize a causal LM by a recipe into an fp-export checkpoint."""
-    from fp_export.pipeline import quantize_to_checkpoint
-    from fp_export.recipe import load_recipe
-
     _quiet_transformers()
-    with user_errors():
-        r = load_recipe(recipe)
-        cal = {k: v for k, v in (("nsamples", nsamples), ("seqlen", seqlen)) if v is not None}
-        if cal:
-            r = r.model_copy(update={"calibration": r.calibration.model_copy(update=cal)})
-        with progress_bars() as bar:
-            manifest = quantize_to_checkpoint(
-                model, r, out_dir, resume=resume, overwrite=overwrite,
-                eval_text="test" if evaluate else None, max_eval_windows=max_eval_windows, progress=bar,
-            )
-    _print_summary(manifest, out_dir)
+    cal = {k: v for k, v in (("nsamples", nsamples), ("seqlen", seqlen)) if v is not None}
+    t0 = time.time()
+    with user_errors(), progress_bars() as bar:
+        qm = fx.quantize(model, recipe, out=out_dir, calibration=cal or None, resume=resume, overwrite=overwrite,
+                         evaluate=evaluate, max_eval_windows=max_eval_windows, progress=bar)
+    _print_summary(qm.manifest, out_dir, time.time() - t0)
 
 
-def _print_summary(manifest: dict, out_dir: Path) -> None:
+def _print_summary(manifest: dict, out_dir: Path, seconds: float) -> None:
     r = manifest["recipe"]
     w, a, lorc = r.get("weights"), r.get("activations"), r.get("lorc")
     table = Table(title=f"fp-export quantize: {r['name']}")
@@ -113,7 +108,7 @@ def _print_summary(manifest: dict, out_dir: Path) -> None:
         table.add_row("perplexity", f"{m['perplexity']:.3f} ({m['tokens']} tokens, seqlen {m['seqlen']})")
     size = sum(f.stat().st_size for f in Path(out_dir).iterdir())
     table.add_row("checkpoint", f"{out_dir} ({size / 2**20:.1f} MiB)")
-    table.add_row("time", f"{manifest.get('seconds', 0):.1f} s")
+    table.add_row("time", f"{seconds:.1f} s")
     out.print(table)
 
 
@@ -148,16 +143,9 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print {perplexity, tokens, seqlen} as JSON."),
 ):
     """Perplexity on held-out text (non-overlapping windows, the paper's protocol)."""
-    from fp_export.data import load_text
-    from fp_export.evaluate import model_seqlen, perplexity, tokenize
-    from fp_export.pipeline import load_any
-
     _quiet_transformers()
-    with user_errors():
-        m, tok, _ = load_any(model)
-        ids = tokenize(tok, load_text(text))
-        with progress_bars(not as_json) as bar:
-            res = perplexity(m, ids, model_seqlen(m, seqlen), max_windows, lambda i, n: bar("eval", i, n))
+    with user_errors(), progress_bars(not as_json) as bar:
+        res = fx.evaluate(fx.load(model), text, seqlen, max_windows, lambda i, n: bar("eval", i, n))
     if as_json:
         print(json.dumps({"perplexity": res["perplexity"], "tokens": res["tokens"], "seqlen": res["seqlen"]}))
     else:
@@ -171,15 +159,10 @@ def export(
     reference: bool = typer.Option(False, help="Write the ONNX Runtime reference graph (no custom ops)."),
 ):
     """Export a quantized checkpoint to ONNX (FP8 Q/DQ, Fp4ToFp8 custom op)."""
-    import time
-
-    from fp_export.export.onnx import check, export_checkpoint
-
     _quiet_transformers()
     t0 = time.time()
     with user_errors():
-        path = export_checkpoint(model, out_file, reference=reference)
-        check(path)
+        path = fx.export_onnx(fx.load(model), out_file, reference=reference)
     size = path.stat().st_size + (path.parent / f"{path.name}.data").stat().st_size
     out.print(f"wrote {path} (+ {path.name}.data, {size / 2**20:.1f} MiB) in {time.time() - t0:.1f} s; "
               "onnx.checker and strict shape inference passed")
@@ -189,7 +172,10 @@ def export(
 def validate(
     model: Path = typer.Option(..., help="fp-export checkpoint directory (the PyTorch reference)."),
     onnx_file: Optional[Path] = typer.Option(None, "--onnx", help="Exported graph to run in ONNX Runtime."),
-    backend: str = typer.Option("onnxruntime", help="onnxruntime, or gpu: the CUDA runtime vs the ONNX Runtime reference."),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime; gpu: the CUDA runtime vs the ONNX Runtime reference; "
+                                                     "tensorrt: an engine (--engine) vs the ONNX Runtime reference."),
+    engine: Optional[Path] = typer.Option(None, help="TensorRT engine for --backend tensorrt."),
+    plugin: Optional[Path] = typer.Option(None, help="Fp4ToFp8 plugin library for --backend tensorrt."),
     text: str = typer.Option("test", help="Corpus split or text file for the input windows."),
     windows: int = typer.Option(8, min=1, help="Number of input windows."),
     seqlen: Optional[int] = typer.Option(None, min=8, help="Window length (default the model's, up to 2048)."),
@@ -200,34 +186,11 @@ def validate(
                                                            "(for `polygraphy run --load-inputs`)."),
 ):
     """Compare a backend with the PyTorch quantized model (Polygraphy); exit 1 past tolerances."""
-    from fp_export.checkpoint import load_checkpoint
-    from fp_export.data import load_text
-    from fp_export.evaluate import eval_windows, model_seqlen, tokenize
-    from fp_export.validate import OnnxFileError, load_onnx_for_ort, validate_onnx
-
     _quiet_transformers()
     with user_errors():
-        try:
-            m, tok, _ = load_checkpoint(model)
-            ids = eval_windows(tokenize(tok, load_text(text)), model_seqlen(m, seqlen), windows)
-            if save_inputs is not None:
-                from polygraphy.json import save_json
-
-                save_json([{"input_ids": b.numpy()} for b in ids.split(4)], str(save_inputs))
-            if backend == "onnxruntime":
-                if onnx_file is None:
-                    raise ValueError("--onnx is required with --backend onnxruntime")
-                report = validate_onnx(m, load_onnx_for_ort(onnx_file), ids, precision)
-            elif backend == "gpu":
-                from fp_export.runtime.validate import compare_gpu
-
-                if precision != "float32":
-                    raise ValueError("--backend gpu runs the GPU kernels as deployed: pass --precision float32")
-                report = compare_gpu(m, model, onnx_file, ids)
-            else:
-                raise ValueError(f"unknown backend {backend!r}: onnxruntime or gpu")
-        except OnnxFileError as e:
-            raise ValueError(str(e)) from None
+        report = fx.validate(fx.load(model), onnx_file, windows=windows, text=text, seqlen=seqlen,
+                             precision=precision, backend=backend, engine=engine, plugin=plugin,
+                             save_inputs=save_inputs)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -253,12 +216,38 @@ def build(
     max_seq: int = typer.Option(2048, min=1),
 ):
     """Build a TensorRT engine (strongly typed, FP8) with the Fp4ToFp8 plugin."""
-    from fp_export.trt_build import PLUGIN_LIB, BuildUnavailable, build_engine
-
-    try:
-        with user_errors():
-            path = build_engine(onnx_file, plan, plugin or PLUGIN_LIB, timing_cache, max_batch, max_seq)
-    except BuildUnavailable as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2) from None
+    with user_errors():
+        path = fx.build_engine(onnx_file, plan, plugin=plugin, timing_cache=timing_cache, max_batch=max_batch,
+                               max_seq=max_seq)
     out.print(f"wrote {path}")
+
+
+@app.command()
+def generate(
+    model: Path = typer.Option(..., help="fp-export checkpoint or Hugging Face model directory."),
+    prompt: str = typer.Option(..., help="Text to continue."),
+    max_tokens: int = typer.Option(32, min=1, help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0: greedy; > 0: sampled."),
+    top_k: int = typer.Option(0, min=0, help="Sample among the k most likely tokens (0: all)."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling mass."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the sampler."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+):
+    """Continue a prompt with the quantized model, streaming the text as it is generated."""
+    _quiet_transformers()
+    with user_errors():
+        qm = fx.load(model)
+        ids = qm.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        done: list[int] = []
+
+        def stream(_step, tokens):
+            done.append(int(tokens[0]))
+            text = qm.tokenizer.decode(done)
+            out.print(text[len(stream.shown):], end="", highlight=False, markup=False)
+            stream.shown = text
+
+        stream.shown = ""
+        out.print(prompt, end="", highlight=False, markup=False)
+        fx.generate(qm, ids, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                    eos_token_id=qm.tokenizer.eos_token_id, on_token=stream, device=device)
+    out.print()

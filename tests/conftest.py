@@ -6,11 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from fp_export.model import DEFAULT_MODEL
-from fp_export.pipeline import quantize_to_checkpoint
-from fp_export.recipe import load_recipe
+import fp_export as fx
+
+from fp_export.hf.loading import DEFAULT_MODEL
+from fp_export.ptq.job import quantize_to_checkpoint
+from fp_export.quant.recipe import load_recipe
 
 FAST_CAL = {"nsamples": 4, "seqlen": 128}
+
+
+def export_checkpoint(qdir: Path, out: Path, reference: bool = False) -> Path:
+    """Export a checkpoint directory to ``out`` through the public API."""
+    return fx.export_onnx(fx.load(qdir), out, reference=reference)
 
 
 def fast_recipe(name: str):

@@ -5,12 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fp_export.checkpoint import checkpoint_tensors, load_checkpoint, write_checkpoint
-from fp_export.data import calibration_batch, load_text
-from fp_export.evaluate import tokenize
-from fp_export.model import DEFAULT_MODEL, load_model
-from fp_export.qlinear import QuantLinear
-from fp_export.quantize import quantize_model
+from fp_export.checkpoint.layout import checkpoint_tensors, load_checkpoint, write_checkpoint
+from fp_export.data.corpus import calibration_batch, load_text
+from fp_export.evaluate.perplexity import tokenize
+from fp_export.hf.loading import DEFAULT_MODEL, load_model
+from fp_export.ptq.sequential import quantize_model
+from fp_export.quant.qlinear import QuantLinear
 
 from conftest import fast_recipe
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fp_export.checkpoint import CheckpointError, load_checkpoint
-from fp_export.model import DEFAULT_MODEL
-from fp_export.pipeline import quantize_to_checkpoint, state_dir_for
-from fp_export.qlinear import QuantLinear
-from fp_export.quantize import quantize_model
+from fp_export.checkpoint.layout import CheckpointError, load_checkpoint
+from fp_export.hf.loading import DEFAULT_MODEL
+from fp_export.checkpoint.resume import state_dir_for
+from fp_export.ptq.job import quantize_to_checkpoint
+from fp_export.quant.qlinear import QuantLinear
+from fp_export.ptq.sequential import quantize_model
 
 from conftest import fast_recipe
 
@@ -46,7 +47,7 @@ def test_killed_run_resumes_to_identical_bytes(quantized, tmp_path, monkeypatch)
         calls["n"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr("fp_export.pipeline.quantize_model", counting)
+    monkeypatch.setattr("fp_export.ptq.job.quantize_model", counting)
     quantize_to_checkpoint(DEFAULT_MODEL, fast_recipe("w4a8-fp4-m2-lorc"), out, resume=True, eval_text=None)
     assert calls["n"] == 1 and not state.exists()
     ref = quantized("w4a8-fp4-m2-lorc")
@@ -54,10 +55,10 @@ def test_killed_run_resumes_to_identical_bytes(quantized, tmp_path, monkeypatch)
 
 
 def test_loaded_checkpoint_matches_in_memory_model_bit_for_bit(tmp_path):
-    from fp_export.checkpoint import checkpoint_tensors, write_checkpoint
-    from fp_export.data import calibration_batch, load_text
-    from fp_export.evaluate import tokenize
-    from fp_export.model import load_model
+    from fp_export.checkpoint.layout import checkpoint_tensors, write_checkpoint
+    from fp_export.data.corpus import calibration_batch, load_text
+    from fp_export.evaluate.perplexity import tokenize
+    from fp_export.hf.loading import load_model
 
     recipe = fast_recipe("w4a8-fp4-m2-lorc")
     model, tok, dtype = load_model(DEFAULT_MODEL)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from fp_export.cli import app
-from fp_export.model import DEFAULT_MODEL
+from fp_export.hf.loading import DEFAULT_MODEL
 
 runner = CliRunner()
 
@@ -97,7 +97,7 @@ def test_unknown_recipe_key_and_bad_group(tmp_path):
 
 
 def test_every_bundled_recipe_loads():
-    from fp_export.recipe import bundled_recipes, load_recipe
+    from fp_export.quant.recipe import bundled_recipes, load_recipe
 
     names = bundled_recipes()
     assert {"w16a16", "w8a8-int8", "w8a8-fp8", "w4a8-int4", "w4a8-fp4", "w4a8-fp4-lorc", "w4a8-fp4-m1",

@@ -8,17 +8,19 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from fp_export.checkpoint import load_checkpoint
-from fp_export.data import load_text
-from fp_export.evaluate import eval_windows, tokenize
+from fp_export.checkpoint.layout import load_checkpoint
+from fp_export.data.corpus import load_text
+from fp_export.evaluate.perplexity import eval_windows, tokenize
 from fp_export.export.graph import GraphBuilder
-from fp_export.export.onnx import CUSTOM_DOMAIN, FP4_OP, check, export_checkpoint
-from fp_export.export.reference import fp4_to_fp8_reference
-from fp_export.formats import pack_nibbles
-from fp_export.recipe import bundled_recipes
-from fp_export.scales import SHIFT_MAX, SHIFT_MIN
-from fp_export.shiftcast import fp4_to_fp8
-from fp_export.validate import OnnxFileError, load_onnx_for_ort, validate_onnx
+from fp_export.export.onnx import check
+from fp_export.numerics import fp4_to_fp8 as op
+from fp_export.numerics.formats import pack_nibbles
+from fp_export.quant.recipe import bundled_recipes
+from fp_export.numerics.fp4_to_fp8 import SHIFT_MAX, SHIFT_MIN, fp4_to_fp8
+from fp_export.validate.compare import validate_onnx
+from fp_export.validate.runners import OnnxFileError, load_onnx_for_ort
+
+from conftest import export_checkpoint
 
 
 def op_count(proto, op_type, domain=""):
@@ -39,8 +41,8 @@ def test_every_recipe_exports_and_validates(quantized, tmp_path, recipe):
     n_act = sum(1 for s in layers if s["act_format"])
     n_shift = sum(1 for s in layers if s["weight_format"] == "fp4_e2m1" and s["scale_constraint"] != "none")
     assert op_count(g, "QuantizeLinear") == n_act  # one Q/DQ pair per quantized activation
-    assert op_count(g, FP4_OP, CUSTOM_DOMAIN) == n_shift
-    for node in (n for n in g.graph.node if n.op_type == FP4_OP):
+    assert op_count(g, op.OP_TYPE, op.DOMAIN) == n_shift
+    for node in (n for n in g.graph.node if n.op_type == op.OP_TYPE):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["plugin_namespace"] == b"fp_export" and attrs["plugin_version"] == b"1"
         assert attrs["group_size"] == 256
@@ -48,7 +50,7 @@ def test_every_recipe_exports_and_validates(quantized, tmp_path, recipe):
     if any(s["act_format"] == "fp8_e4m3" for s in layers):
         assert fp8_zps, "FP8 activations use float8e4m3fn zero points"
     r = onnx.load(str(ref), load_external_data=False)
-    assert op_count(r, FP4_OP, CUSTOM_DOMAIN) == 0
+    assert op_count(r, op.OP_TYPE, op.DOMAIN) == 0
     ids = eval_windows(tokenize(tok, load_text("test")), 512, 4)
     ref_proto = load_onnx_for_ort(ref)
     report = validate_onnx(model, ref_proto, ids, "float32")
@@ -76,7 +78,7 @@ def test_fp4_to_fp8_reference_graph_on_every_code_and_shift():
     g = GraphBuilder()
     p = g.init("packed", packed)
     s = g.init("shift", shift)
-    out = fp4_to_fp8_reference(g, p, s, 12, 32, 32, "ref")
+    out = op.onnx_reference(g, p, s, 12, 32, 32, "ref")
     bits = g.op("Cast", [g.op("DequantizeLinear", [out, g.const(1.0)], "dq")], "f", to=TensorProto.FLOAT)
     model = helper.make_model(helper.make_graph(g.nodes, "t", [], [helper.make_tensor_value_info(bits, 1, [12, 32])],
                                                 initializer=g.initializers),
@@ -106,7 +108,7 @@ def test_bad_onnx_files(tmp_path):
 def test_tampered_checkpoint_is_not_exported(quantized, tmp_path):
     import shutil
 
-    from fp_export.checkpoint import CheckpointError
+    from fp_export.checkpoint.layout import CheckpointError
 
     bad = tmp_path / "bad"
     shutil.copytree(quantized("w8a8-fp8"), bad)

@@ -7,11 +7,15 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from fp_export.checkpoint import load_checkpoint
-from fp_export.export.onnx import ExportError, check, export_checkpoint
-from fp_export.model import DEFAULT_MODEL
-from fp_export.pipeline import quantize_to_checkpoint
-from fp_export.validate import load_onnx_for_ort, validate_onnx
+from fp_export.checkpoint.layout import load_checkpoint
+from fp_export.export.onnx import check
+from fp_export.hf.families import ExportError
+from fp_export.hf.loading import DEFAULT_MODEL
+from fp_export.ptq.job import quantize_to_checkpoint
+from fp_export.validate.compare import validate_onnx
+from fp_export.validate.runners import load_onnx_for_ort
+
+from conftest import export_checkpoint
 
 from conftest import fast_recipe
 

@@ -5,10 +5,10 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from fp_export.checkpoint import load_checkpoint
-from fp_export.export.float64 import to_float64
+from fp_export.checkpoint.layout import load_checkpoint
+from fp_export.validate.float64_graph import to_float64
 from fp_export.export.onnx import build_model
-from fp_export.float64 import float64_model
+from fp_export.validate.float64_model import float64_model
 
 
 def test_graph_rewrite_keeps_every_node_and_rounds_in_float32(quantized):

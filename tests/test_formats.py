@@ -6,7 +6,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from fp_export.formats import (FP4_E2M1, FP8_E4M3, FP8_E5M2, FORMATS, INT4, INT8, decode, decode_table, encode,
+from fp_export.numerics.formats import (FP4_E2M1, FP8_E4M3, FP8_E5M2, FORMATS, INT4, INT8, decode, decode_table, encode,
                                get_format, pack_nibbles, round_to_grid, unpack_nibbles)
 
 TORCH8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from fp_export.cli import app
 from fp_export.hf.gguf import SIDECAR, convert_gguf, sha256_file
-from fp_export.model import DEFAULT_MODEL
+from fp_export.hf.loading import DEFAULT_MODEL
 
 gguf = pytest.importorskip("gguf")
 

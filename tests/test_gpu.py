@@ -4,9 +4,9 @@ kernels and the GPU runtime, each against the CPU reference."""
 import pytest
 import torch
 
-from fp_export.formats import FP8_E4M3, decode, pack_nibbles, round_to_grid
-from fp_export.scales import SHIFT_MAX, SHIFT_MIN
-from fp_export.shiftcast import fp4_to_fp8 as reference_cast
+from fp_export.numerics.formats import FP8_E4M3, decode, pack_nibbles, round_to_grid
+from fp_export.numerics.scales import SHIFT_MAX, SHIFT_MIN
+from fp_export.numerics.fp4_to_fp8 import fp4_to_fp8 as reference_cast
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -78,9 +78,9 @@ def test_fused_w4a8_matches_reference(m, kernel, asm):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from fp_export.model import DEFAULT_MODEL
-    from fp_export.pipeline import quantize_to_checkpoint
-    from fp_export.recipe import load_recipe
+    from fp_export.hf.loading import DEFAULT_MODEL
+    from fp_export.ptq.job import quantize_to_checkpoint
+    from fp_export.quant.recipe import load_recipe
 
     r = load_recipe("w4a8-fp4-m2-lorc")
     r = r.model_copy(update={"calibration": r.calibration.model_copy(update={"nsamples": 8, "seqlen": 256})})
@@ -91,9 +91,9 @@ def checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["fused", "cast", "auto"])
 def test_gpu_runtime_matches_cpu_reference(checkpoint, mode):
-    from fp_export.checkpoint import load_checkpoint
-    from fp_export.data import load_text
-    from fp_export.evaluate import eval_windows, perplexity, tokenize
+    from fp_export.checkpoint.layout import load_checkpoint
+    from fp_export.data.corpus import load_text
+    from fp_export.evaluate.perplexity import eval_windows, perplexity, tokenize
     from fp_export.runtime.linear import to_gpu_runtime
 
     cpu, tok, _ = load_checkpoint(checkpoint)
@@ -109,7 +109,7 @@ def test_gpu_runtime_matches_cpu_reference(checkpoint, mode):
 
 
 def test_gpu_generation(checkpoint):
-    from fp_export.checkpoint import load_checkpoint
+    from fp_export.checkpoint.layout import load_checkpoint
     from fp_export.runtime.linear import to_gpu_runtime
 
     model, tok, _ = load_checkpoint(checkpoint)
@@ -121,13 +121,8 @@ def test_gpu_generation(checkpoint):
 
 
 def test_validate_gpu_backend(checkpoint):
-    from fp_export.checkpoint import load_checkpoint
-    from fp_export.data import load_text
-    from fp_export.evaluate import eval_windows, tokenize
-    from fp_export.runtime.validate import compare_gpu
+    import fp_export as fx
 
-    cpu, tok, _ = load_checkpoint(checkpoint)
-    ids = eval_windows(tokenize(tok, load_text("test")), 512, 8)
-    report = compare_gpu(cpu, checkpoint, None, ids)
+    report = fx.validate(fx.load(checkpoint), backend="gpu", precision="float32", windows=8)
     print(report)
     assert report["passed"] and report["perplexity_rel_diff"] < 0.005, report

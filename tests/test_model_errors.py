@@ -5,7 +5,6 @@ from typer.testing import CliRunner
 from fp_export.cli import app
 
 
-
 def test_encoder_directory_names_its_config_architecture(tmp_path):
     """A BERT encoder (config says BertModel) is refused naming BertModel, not the BertLMHeadModel
     transformers would build from it, before its weights are loaded."""

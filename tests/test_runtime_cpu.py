@@ -6,13 +6,13 @@ import shutil
 import pytest
 import torch
 
-from fp_export.checkpoint import load_checkpoint
-from fp_export.data import load_text
-from fp_export.evaluate import eval_windows, tokenize
+from fp_export.checkpoint.layout import load_checkpoint
+from fp_export.data.corpus import load_text
+from fp_export.evaluate.perplexity import eval_windows, tokenize
 from fp_export.runtime.kernels import build_library, fp4_to_fp8
 from fp_export.runtime.layout import BLOCK_K, repack_split, unsplit
 from fp_export.runtime.linear import GpuQuantLinear, to_gpu_runtime
-from fp_export.shiftcast import fp4_to_fp8 as reference
+from fp_export.numerics.fp4_to_fp8 import fp4_to_fp8 as reference
 
 
 def test_cpu_dispatch_is_the_reference():
@@ -24,7 +24,7 @@ def test_cpu_dispatch_is_the_reference():
 
 
 def test_split_layout_round_trip_and_halves():
-    from fp_export.formats import unpack_nibbles
+    from fp_export.numerics.formats import unpack_nibbles
 
     packed = torch.randint(0, 256, (5, 3 * BLOCK_K // 2), dtype=torch.uint8)
     split = repack_split(packed)

@@ -3,11 +3,14 @@
 import pytest
 import torch
 
-from fp_export.formats import FP4_E2M1, FP8_E4M3, decode, pack_nibbles
-from fp_export.scales import (SHIFT_MAX, SHIFT_MIN, SHIFT_WINDOW, ceil_log2, group_amax, shift_cast_params,
-                              token_scales, weight_scales)
-from fp_export.shiftcast import fp4_code_to_fp8_bits, fp4_to_fp8
-from fp_export.weights import rtn_quantize
+from fp_export.numerics.formats import FP4_E2M1, FP8_E4M3, decode, pack_nibbles
+from fp_export.numerics.fp4_to_fp8 import SHIFT_MAX, SHIFT_MIN, fp4_code_to_fp8_bits, fp4_to_fp8
+from fp_export.numerics.scales import SHIFT_WINDOW, absmax_scale, ceil_log2, expand_groups, group_amax, token_scales
+from fp_export.quant.quantizer import WeightQuantizer
+
+
+def rtn(w, fmt, group, constraint="none"):
+    return WeightQuantizer(fmt, group, constraint).rtn(w)
 
 
 def test_every_code_and_shift_is_exact_in_e4m3():
@@ -32,12 +35,12 @@ def test_ceil_log2_is_exact():
 
 
 @pytest.mark.parametrize("constraint", ["m1", "m2"])
-@pytest.mark.parametrize("group", [256, 64, None])
+@pytest.mark.parametrize("group", [256, 64, 96, 200, 1024, None])  # 96, 200, 1024: partial last groups
 def test_constrained_scales_and_shift_cast_reproduce_dequantized_weights(constraint, group):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(96, 512, generator=g) * torch.logspace(-4, 0, 512)[None, :]  # wide dynamic range
     w[3] = 0  # an all-zero row
-    qw = rtn_quantize(w, "fp4_e2m1", group, constraint)
+    qw = rtn(w, "fp4_e2m1", group, constraint)
     exp = qw.scale_exp.int()
     if constraint == "m2":
         assert exp.max() <= 0 and exp.min() >= 1 - SHIFT_WINDOW
@@ -47,25 +50,41 @@ def test_constrained_scales_and_shift_cast_reproduce_dequantized_weights(constra
         assert torch.equal(qw.scale, torch.ldexp(torch.ones_like(qw.scale), exp.float()))
     # no clipping: every group's absmax fits into the grid at its scale
     assert (group_amax(w, group) <= qw.scale * FP4_E2M1.max * (1 + 1e-6)).all()
-    shift, dq = shift_cast_params(qw.scale_exp, qw.row_scale)
-    assert shift.min() >= SHIFT_MIN and shift.max() <= SHIFT_MAX
-    gs = 512 if group is None else group
-    fp8 = decode(fp4_to_fp8(pack_nibbles(qw.codes), shift, gs), FP8_E4M3)
-    assert torch.equal(fp8 * dq[:, None], qw.dequantize())
+    sc = qw.to_shift_cast()
+    assert sc.shift.min() >= SHIFT_MIN and sc.shift.max() <= SHIFT_MAX
+    assert torch.equal(sc.packed, pack_nibbles(qw.codes)) and sc.group_size == (group or 512)
+    fp8 = decode(fp4_to_fp8(sc.packed, sc.shift, sc.group_size), FP8_E4M3)
+    assert torch.equal(fp8 * sc.dq_scale[:, None], qw.dequantize())
+
+
+@pytest.mark.parametrize("fmt,constraint", [("fp4_e2m1", "none"), ("int4", "none"), ("fp8_e4m3", "none")])
+def test_only_constrained_fp4_lowers_to_the_shift_cast(fmt, constraint):
+    assert rtn(torch.randn(4, 64), fmt, 32, constraint).to_shift_cast() is None
 
 
 def test_unconstrained_scales_are_absmax_over_max():
     w = torch.randn(8, 512)
-    scale, exp, _ = weight_scales(w, FP4_E2M1, 256, "none")
-    assert exp is None
-    assert torch.allclose(scale, group_amax(w, 256) / 6)
+    w[2, 256:] = 0  # a zero group gets the rule's 1 / max
+    qw = rtn(w, "fp4_e2m1", 256)
+    assert qw.scale_exp is None
+    assert torch.equal(qw.scale, absmax_scale(group_amax(w, 256), 6.0))
+    assert qw.scale[2, 1] == 1 / 6
 
 
-def test_constraints_need_fp4_and_dividing_groups():
+def test_the_scale_rule():
+    assert torch.equal(absmax_scale(torch.tensor([12.0, 0.0, 3.0]), 6.0), torch.tensor([2.0, 1 / 6, 0.5]))
+
+
+def test_partial_last_group():
+    w = torch.arange(1.0, 11.0)[None, :].repeat(2, 1)  # 10 columns in groups of 4: 4 + 4 + 2
+    assert group_amax(w, 4).tolist() == [[4.0, 8.0, 10.0]] * 2
+    assert expand_groups(torch.tensor([[1.0, 2.0, 3.0]]), 4, 10).tolist() == [[1.0] * 4 + [2.0] * 4 + [3.0] * 2]
+    assert group_amax(w, 16).tolist() == [[10.0]] * 2  # a group wider than the row
+
+
+def test_constraints_need_fp4():
     with pytest.raises(ValueError, match="fp4_e2m1"):
-        weight_scales(torch.randn(4, 256), FP8_E4M3, 256, "m2")
-    with pytest.raises(ValueError, match="does not divide"):
-        group_amax(torch.randn(4, 300), 256)
+        WeightQuantizer("fp8_e4m3", 256, "m2")
 
 
 def test_token_scales():
@@ -76,5 +95,5 @@ def test_token_scales():
 def test_m2_loses_less_than_m1():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(256, 1024, generator=g) * 0.02
-    err = {c: (rtn_quantize(w, "fp4_e2m1", 256, c).dequantize() - w).norm() for c in ("none", "m1", "m2")}
+    err = {c: (rtn(w, "fp4_e2m1", 256, c).dequantize() - w).norm() for c in ("none", "m1", "m2")}
     assert err["none"] <= err["m2"] < err["m1"]

@@ -4,8 +4,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fp_export import validate
-from fp_export.validate import _Stats, _window_nll
+from fp_export.validate import compare as validate
+from fp_export.validate.compare import _Stats, _window_nll
 
 
 def test_chunked_stats_match_whole_array_reference(monkeypatch):
@@ -32,12 +32,13 @@ def test_float32_rule_passes_a_rounding_realization_and_fails_a_wrong_weight():
     nudged by one ulp (another seed than the floor's) passes; a copy with one linear 2% off fails."""
     import copy
 
-    from fp_export.data import load_text
-    from fp_export.evaluate import eval_windows, tokenize
-    from fp_export.model import DEFAULT_MODEL, load_model
-    from fp_export.quantize import quantize_model
-    from fp_export.recipe import load_recipe
-    from fp_export.validate import TorchRunner, _weights, compare
+    from fp_export.data.corpus import load_text
+    from fp_export.evaluate.perplexity import eval_windows, tokenize
+    from fp_export.hf.loading import DEFAULT_MODEL, load_model
+    from fp_export.ptq.sequential import quantize_model
+    from fp_export.quant.recipe import load_recipe
+    from fp_export.validate.compare import _weights, compare
+    from fp_export.validate.runners import TorchRunner
 
     model, tok, _ = load_model(DEFAULT_MODEL)
     ids = tokenize(tok, load_text("test"))

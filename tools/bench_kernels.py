@@ -155,10 +155,10 @@ def large_models(dev: str, layers: int):
 
 
 def bench_decode(dev: str, layers: int, new_tokens: int):
-    from fp_export.checkpoint import load_checkpoint
-    from fp_export.model import DEFAULT_MODEL, load_model
-    from fp_export.pipeline import quantize_to_checkpoint
-    from fp_export.recipe import load_recipe
+    from fp_export.checkpoint.layout import load_checkpoint
+    from fp_export.hf.loading import DEFAULT_MODEL, load_model
+    from fp_export.ptq.job import quantize_to_checkpoint
+    from fp_export.ptq.recipe import load_recipe
 
     out = {}
     qdir = Path("/tmp/fp_export_bench_q")

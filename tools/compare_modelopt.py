@@ -38,9 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper_table import device_name  # noqa: E402
 
-from fp_export.data import calibration_batch, load_text  # noqa: E402
-from fp_export.evaluate import model_seqlen, perplexity, tokenize  # noqa: E402
-from fp_export.model import DEFAULT_MODEL, check_model_dir, load_model  # noqa: E402
+from fp_export.data.corpus import calibration_batch, load_text  # noqa: E402
+from fp_export.evaluate.perplexity import model_seqlen, perplexity, tokenize  # noqa: E402
+from fp_export.hf.loading import DEFAULT_MODEL, check_model_dir, load_model  # noqa: E402
 
 CONFIGS = {
     "fp8": ("FP8_DEFAULT_CFG", "W8A8: FP8 E4M3 weights per tensor, FP8 static per-tensor activations (max calibration)"),

@@ -23,9 +23,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from fp_export.model import DEFAULT_MODEL
-from fp_export.pipeline import quantize_to_checkpoint
-from fp_export.recipe import bundled_recipes, load_recipe
+from fp_export.hf.loading import DEFAULT_MODEL
+from fp_export.ptq.job import quantize_to_checkpoint
+from fp_export.ptq.recipe import bundled_recipes, load_recipe
 
 ORDER = ["w16a16", "w16a8-int8", "w16a8-fp8", "w8a8-int8", "w8a8-fp8", "w8a8-fp8-static", "w4a8-int4",
          "w4a8-fp4", "w4a8-fp4-lorc", "w4a8-fp4-m1", "w4a8-fp4-m2", "w4a8-fp4-m2-lorc"]

@@ -25,7 +25,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from fp_export.data import CORPUS_SHA256, split_text
+from fp_export.data.corpus import CORPUS_SHA256, split_text
 
 EOS = "<|endoftext|>"
 

@@ -11,7 +11,8 @@ Opset 23. Per quantized linear (see README "ONNX graph"):
   DequantizeLinear (FP4 ones only as opset-23 FLOAT4E2M1: no shift cast without M1/M2);
 - LoRC: two small MatMuls on the dequantized activation, added before the epilogue scale.
 ``reference=True`` passes the graph through ``reference.to_reference``, which replaces every node
-ONNX Runtime cannot run by standard ops of identical semantics.
+ONNX Runtime cannot run by standard ops of identical semantics. The family registry
+(``hf.families.export_dims``) says which models export.
 """
 
 from __future__ import annotations
@@ -29,82 +30,36 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from fp_export.export.graph import GraphBuilder
-from fp_export.formats import get_format, pack_nibbles
-from fp_export.qlinear import QuantLinear
-from fp_export.scales import shift_cast_params
+from fp_export.export.reference import to_reference
+from fp_export.hf.families import export_dims
+from fp_export.numerics import fp4_to_fp8 as op
+from fp_export.numerics.formats import pack_nibbles
+from fp_export.numerics.scales import token_scales_onnx
+from fp_export.quant.qlinear import QuantLinear
 
 OPSET = 23
 IR_VERSION = 11
-CUSTOM_DOMAIN = "fp_export"
-FP4_OP = "Fp4ToFp8"
-PLUGIN_NAMESPACE = "fp_export"
-PLUGIN_VERSION = "1"
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 RAW_TYPES = {"fp8_e4m3": TensorProto.FLOAT8E4M3FN, "int4": TensorProto.INT4, "fp4_e2m1": TensorProto.FLOAT4E2M1}
-
-
-class ExportError(ValueError):
-    """A model the exporter cannot express; the message names the module."""
-
-
-@dataclass(frozen=True)
-class LlamaDims:
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    eps: float
-    vocab: int
-
-
-def llama_dims(model: nn.Module) -> LlamaDims:
-    """Check the model is a LLaMA-family decoder the builder reproduces exactly; its sizes."""
-    name = type(model).__name__
-    if name not in SUPPORTED:
-        raise ExportError(f"export supports {', '.join(SUPPORTED)}; {name} is not one of them")
-    cfg = model.config
-    for i, layer in enumerate(model.model.layers):
-        for extra in ("q_norm", "k_norm"):
-            if hasattr(layer.self_attn, extra):
-                raise ExportError(f"model.layers.{i}.self_attn.{extra}: QK-norm is not supported by the exporter")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise ExportError(f"model.layers.*.mlp: activation {cfg.hidden_act} is not supported (silu only)")
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in STATIC_ROPE:
-        raise ExportError(f"model.model.rotary_emb: rope type {rope_type} depends on sequence length; "
-                          f"supported: {', '.join(STATIC_ROPE)}")
-    heads = cfg.num_attention_heads
-    return LlamaDims(
-        hidden=cfg.hidden_size,
-        heads=heads,
-        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-        eps=float(cfg.rms_norm_eps),
-        vocab=cfg.vocab_size,
-    )
 
 
 class _Builder:
     def __init__(self, g: GraphBuilder):
         self.g = g
 
-    def dq(self, x: str, scale: torch.Tensor, in_features: int, name: str) -> str:
+    def dq(self, x: str, scale: torch.Tensor, group_size: int | None, name: str) -> str:
         """DequantizeLinear of a weight-like [rows, in]: per-axis (axis 0) for one group per row,
-        else blocked along axis 1 (block = in / groups)."""
+        else blocked along axis 1 (``block_size`` = group size; ONNX blocks may end partial)."""
         g = self.g
-        if scale.dim() == 1 or scale.shape[1] == 1:
+        if group_size is None or scale.dim() == 1 or scale.shape[1] == 1:
             return g.op("DequantizeLinear", [x, g.init(f"{name}.dq_scale", scale.reshape(-1).float())], name, axis=0)
-        block = in_features // scale.shape[1]
         return g.op("DequantizeLinear", [x, g.init(f"{name}.dq_scale", scale.float())], name,
-                    axis=1, block_size=block)
+                    axis=1, block_size=group_size)
 
     def shift_cast(self, packed: str, shift: str, rows: int, cols: int, group: int, name: str) -> str:
         """FP8 E4M3 [rows, cols] from packed FP4 codes and per-group shifts: the custom op."""
         g = self.g
-        out = g.op(FP4_OP, [packed, shift], f"{name}.fp4_to_fp8", domain=CUSTOM_DOMAIN,
-                   group_size=group, plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION)
+        out = g.op(op.OP_TYPE, [packed, shift], f"{name}.fp4_to_fp8", domain=op.DOMAIN,
+                   group_size=group, plugin_namespace=op.PLUGIN_NAMESPACE, plugin_version=op.PLUGIN_VERSION)
         g.declare(out, TensorProto.FLOAT8E4M3FN, [rows, cols])
         return out
 
@@ -116,20 +71,19 @@ class _Builder:
             return g.init(f"{prefix}.weight_t", module.weight.detach().float().T.contiguous())
         rows, cols = qw.shape
         fmt = qw.fmt
-        if fmt.name == "fp4_e2m1" and qw.constraint != "none":
-            shift, dq_scale = shift_cast_params(qw.scale_exp, qw.row_scale)
-            packed = g.init(f"{prefix}.qweight", pack_nibbles(qw.codes))
-            shift_name = g.init(f"{prefix}.shift", shift)
-            group = cols // shift.shape[1]
-            fp8 = self.shift_cast(packed, shift_name, rows, cols, group, prefix)
-            w = self.dq(fp8, dq_scale, cols, f"{prefix}.weight")
+        sc = qw.to_shift_cast()
+        if sc is not None:
+            packed = g.init(f"{prefix}.qweight", sc.packed)
+            shift_name = g.init(f"{prefix}.shift", sc.shift)
+            fp8 = self.shift_cast(packed, shift_name, rows, cols, sc.group_size, prefix)
+            w = self.dq(fp8, sc.dq_scale, None, f"{prefix}.weight")
         else:
             if fmt.name in RAW_TYPES:
                 data = pack_nibbles(qw.codes) if fmt.packed else qw.codes
                 x = g.init_raw(f"{prefix}.qweight", RAW_TYPES[fmt.name], [rows, cols], data.numpy().tobytes())
             else:
                 x = g.init(f"{prefix}.qweight", qw.codes.view(torch.int8))
-            w = self.dq(x, qw.scale, cols, f"{prefix}.weight")
+            w = self.dq(x, qw.scale, qw.group_size, f"{prefix}.weight")
         return g.op("Transpose", [w], f"{prefix}.weight_t", perm=[1, 0])
 
     def factor_t(self, prefix: str, which: str, module: QuantLinear) -> str:
@@ -144,7 +98,7 @@ class _Builder:
                            codes.numpy().tobytes())
         else:
             x = g.init(f"{prefix}.lorc_{which}", codes.view(torch.int8))
-        f = self.dq(x, scale, codes.shape[1], f"{prefix}.lorc_{which}")
+        f = self.dq(x, scale, None, f"{prefix}.lorc_{which}")
         return g.op("Transpose", [f], f"{prefix}.lorc_{which}_t", perm=[1, 0])
 
     def quant_input(self, x: str, module: nn.Module, prefix: str) -> tuple[str, str | None]:
@@ -153,17 +107,13 @@ class _Builder:
         if act is None:
             return x, None
         g = self.g
-        fmt = get_format(act.format)
+        fmt = act.fmt
         zp = g.fp8_zero() if fmt.kind == "fp" else g.int8_zero()
         if act.granularity == "tensor":
             s = g.init(f"{prefix}.input_scale", module.input_scale.reshape(()).float())
             q = g.op("QuantizeLinear", [x, s, zp], f"{prefix}.input_q")
             return g.op("DequantizeLinear", [q, s, zp], f"{prefix}.input_dq"), None
-        amax = g.op("ReduceMax", [g.op("Abs", [x], f"{prefix}.input_abs"), g.const([-1], np.int64)],
-                    f"{prefix}.input_amax", keepdims=1)
-        safe = g.op("Where", [g.op("Greater", [amax, g.const(0.0)], f"{prefix}.input_nonzero"), amax,
-                              g.const(1.0)], f"{prefix}.input_amax_safe")
-        s = g.op("Div", [safe, g.const(fmt.max)], f"{prefix}.input_scale")
+        s = token_scales_onnx(g, x, fmt, f"{prefix}.input_scale")
         xs = g.op("Div", [x, s], f"{prefix}.input_scaled")
         one = g.const(1.0)
         q = g.op("QuantizeLinear", [xs, one, zp], f"{prefix}.input_q")
@@ -195,7 +145,7 @@ class _Builder:
 
 def build_llama_graph(model: nn.Module) -> onnx.GraphProto:
     """The deployable graph of a LLaMA-family model whose linears may be ``QuantLinear``."""
-    dims = llama_dims(model)
+    dims = export_dims(model)
     g = GraphBuilder()
     b = _Builder(g)
     core = model.model
@@ -275,14 +225,12 @@ def build_model(model: nn.Module, reference: bool = False, metadata: dict | None
     """The deployable model proto, or (``reference``) its ONNX Runtime reference
     (``fp_export.export.reference.to_reference``)."""
     graph = build_llama_graph(model)
-    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(CUSTOM_DOMAIN, 1)]
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(op.DOMAIN, op.DOMAIN_VERSION)]
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="fp-export", producer_version="0.1.0")
     proto.ir_version = IR_VERSION
     for k, v in sorted((metadata or {}).items()):
         proto.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
     if reference:
-        from fp_export.export.reference import to_reference
-
         proto = to_reference(proto)
     return proto
 
@@ -310,14 +258,15 @@ def check(path: Path) -> None:
     os.remove(str(path) + ".inferred")
 
 
-def export_checkpoint(qdir: Path, out: Path, reference: bool = False) -> Path:
-    """Export an fp-export checkpoint (verified on load) to ``out`` (+ ``out.data``)."""
-    from fp_export.checkpoint import load_checkpoint
-
-    model, _, manifest = load_checkpoint(qdir)
-    meta = {"fp_export.recipe": manifest["recipe"]["name"],
-            "fp_export.checkpoint_sha256": manifest["files"]["model.safetensors"],
-            "fp_export.reference": int(reference)}
+def export_model(model: nn.Module, out: Path | None = None, reference: bool = False,
+                 metadata: dict | None = None) -> onnx.ModelProto | Path:
+    """The model's graph (``build_model``); with ``out``, written atomically (weights in
+    ``out.data``), checked (``check``) and its path returned instead of the proto."""
     with torch.no_grad():
-        proto = build_model(model, reference, meta)
-    return save_atomic(proto, out)
+        proto = build_model(model, reference, metadata)
+    if out is None:
+        return proto
+    path = save_atomic(proto, out)
+    check(path)
+    return path
+

@@ -30,8 +30,6 @@ from pathlib import Path
 
 import torch
 
-from fp_export.model import ModelError
-
 MAGIC = b"GGUF"
 SIDECAR = "fp_export_gguf.json"
 # general.file_type (llama.cpp LLAMA_FTYPE_*) of unquantized files
@@ -41,8 +39,9 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-class GGUFError(ModelError):
-    """A GGUF file that cannot be converted; the message names the file and the field."""
+class GGUFError(ValueError):
+    """A GGUF file that cannot be converted; the message names the file and the field (a
+    ValueError, as ``hf.loading.ModelError``: the CLI exits 2 with it)."""
 
 
 def sha256_file(path: Path) -> str:

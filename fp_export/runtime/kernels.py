@@ -2,7 +2,7 @@
 
 The library is ``plugins/build/libfp_export_kernels.so`` (CMake) or the file named by
 ``FP_EXPORT_KERNELS``; ``build_library`` compiles it with nvcc when neither exists. On CPU
-tensors ``fp4_to_fp8`` runs the integer reference of ``fp_export.shiftcast`` instead.
+tensors ``fp4_to_fp8`` runs the integer reference of ``fp_export.numerics.fp4_to_fp8`` instead.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fp_export.shiftcast import fp4_to_fp8 as fp4_to_fp8_reference
+from fp_export.numerics.fp4_to_fp8 import fp4_to_fp8 as fp4_to_fp8_reference
 
 PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 LIB_NAME = "libfp_export_kernels.so"

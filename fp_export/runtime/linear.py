@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp_export.formats import FP8_E4M3, pack_nibbles, round_to_grid
-from fp_export.qlinear import QuantLinear
-from fp_export.recipe import ActivationConfig
+from fp_export.hf.families import set_module
+from fp_export.numerics.formats import FP8_E4M3, decode, round_to_grid
+from fp_export.numerics.scales import token_scales
+from fp_export.quant.activations import ActivationQuantizer
+from fp_export.quant.qlinear import QuantLinear
 from fp_export.runtime.kernels import fp4_to_fp8
 from fp_export.runtime.layout import repack_split, unsplit
-from fp_export.scales import shift_cast_params, token_scales
 
 MODES = ("fused", "cast", "auto")
 AUTO_FUSED_MAX_M = 64  # "auto": the fused kernel up to this many tokens, cast + _scaled_mm beyond
@@ -43,7 +44,7 @@ class GpuQuantLinear(nn.Module):
     """Build with ``from_quant_linear`` (a checkpoint's layer) or ``from_packed`` (raw W4A8 data)."""
 
     def __init__(self, in_features: int, out_features: int, mode: str = "fused",
-                 act: ActivationConfig | None = None, static_scale: torch.Tensor | None = None,
+                 act: ActivationQuantizer | None = None, static_scale: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, lorc_u: torch.Tensor | None = None,
                  lorc_v: torch.Tensor | None = None):
         super().__init__()
@@ -65,9 +66,9 @@ class GpuQuantLinear(nn.Module):
         static = ql.input_scale if act is not None and act.granularity == "tensor" else None
         self = cls(ql.in_features, ql.out_features, mode, act, static, ql.bias, ql.lorc_u, ql.lorc_v)
         fp8_act = act is not None and act.format == "fp8_e4m3"
-        if fp8_act and qw is not None and qw.fmt.name == "fp4_e2m1" and qw.constraint != "none":
-            shift, dq = shift_cast_params(qw.scale_exp, qw.row_scale)
-            self._set_fp4(pack_nibbles(qw.codes), shift, dq)
+        sc = qw.to_shift_cast() if fp8_act and qw is not None else None
+        if sc is not None:
+            self._set_fp4(sc.packed, sc.shift, sc.dq_scale, sc.group_size)
         elif fp8_act and qw is not None and qw.fmt.name == "fp8_e4m3" and qw.scale.shape[1] == 1:
             self.kind = "fp8"
             self.register_buffer("w_fp8_bits", qw.codes)
@@ -81,13 +82,13 @@ class GpuQuantLinear(nn.Module):
                     mode: str = "fused") -> "GpuQuantLinear":
         """A W4A8 layer straight from shift-cast parameters (packed uint8 [N, K/2], shift int8
         [N, K/G], w_scale float32 [N]); FP8 token-wise activations, no bias or LoRC."""
-        self = cls(packed.shape[1] * 2, packed.shape[0], mode, ActivationConfig(format="fp8_e4m3"))
-        self._set_fp4(packed, shift, w_scale)
+        self = cls(packed.shape[1] * 2, packed.shape[0], mode, ActivationQuantizer("fp8_e4m3"))
+        self._set_fp4(packed, shift, w_scale, self.in_features // shift.shape[1])
         return self
 
-    def _set_fp4(self, packed: torch.Tensor, shift: torch.Tensor, w_scale: torch.Tensor) -> None:
+    def _set_fp4(self, packed: torch.Tensor, shift: torch.Tensor, w_scale: torch.Tensor, group_size: int) -> None:
         self.kind = "fp4_shift"
-        self.group_size = self.in_features // shift.shape[1]
+        self.group_size = group_size
         self.register_buffer("packed", packed if self.mode != "fused" else None)
         self.register_buffer("split", repack_split(packed) if self.mode != "cast" else None)
         self.register_buffer("shift", shift)
@@ -110,8 +111,6 @@ class GpuQuantLinear(nn.Module):
             return y.to(dtype).reshape(*shape[:-1], self.out_features)
         xq, s = quantize_tokens(x2, self.static_scale)
         if not x.is_cuda:
-            from fp_export.formats import decode
-
             w = decode(self.fp8_weight(), FP8_E4M3)
             y = (xq @ w.T) * s[:, None] * self.w_scale[None, :]
         elif self.kind == "fp4_shift" and (self.mode == "fused" or
@@ -133,8 +132,6 @@ class GpuQuantLinear(nn.Module):
 def to_gpu_runtime(model: nn.Module, mode: str = "fused", device: str = "cuda") -> nn.Module:
     """Replace every ``QuantLinear`` of ``model`` by a ``GpuQuantLinear``; move the model to
     ``device`` (bf16 elsewhere on CUDA)."""
-    from fp_export.model import set_module
-
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear):
             set_module(model, name, GpuQuantLinear.from_quant_linear(m, mode))

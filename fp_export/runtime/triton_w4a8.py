@@ -3,7 +3,7 @@ to FP8 ``tl.dot`` (Hopper tensor cores); token scales and per-channel weight sca
 the epilogue. Also a one-pass token-wise FP8 activation quantizer.
 
 C[m, n] = (sum_k A[m, k] * W8[n, k]) * a_scale[m] * w_scale[n] (+ bias[n]), in bf16, where A is FP8
-E4M3 [M, K], W8 = e4m3(fp4(codes) * 2**shift) (``fp_export.shiftcast``), w_scale the dequantization
+E4M3 [M, K], W8 = e4m3(fp4(codes) * 2**shift) (``fp_export.numerics.fp4_to_fp8``), w_scale the dequantization
 scale of ``scales.shift_cast_params``. The weights are repacked once (``repack_split``) so that
 each byte's two nibbles belong to the two halves of a 128-wide K block.
 """

@@ -3,29 +3,27 @@
 Layer i is calibrated on the outputs of the already-quantized layers 0..i-1: its linears' inputs
 give each a Hessian (GPTQ) and an input absolute maximum (static activation scales), then every
 linear is replaced by a ``QuantLinear`` and the quantized layer's outputs become layer i+1's
-inputs. After each layer its quantized tensors go to ``state_dir`` so that an interrupted run
-resumes there and ends bit-identical to an uninterrupted one.
+inputs. After each layer its quantized tensors go to the resume state so that an interrupted run
+resumes there and ends bit-identical to an uninterrupted one (``checkpoint.resume``).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict
-from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fp_export.formats import get_format
-from fp_export.gptq import HessianAccumulator, gptq_quantize
-from fp_export.lorc import lorc_factors
-from fp_export.model import decoder_layers, layer_prefix, linear_weight, linears, set_module
-from fp_export.qlinear import LayerSpec, QuantLinear
-from fp_export.recipe import Recipe
-from fp_export.weights import rtn_quantize
+from fp_export.checkpoint.resume import ResumeState
+from fp_export.hf.families import decoder_layers, layer_prefix, linear_weight, linears, set_module
+from fp_export.numerics.formats import get_format
+from fp_export.numerics.scales import absmax_scale
+from fp_export.quant.activations import ActivationQuantizer
+from fp_export.quant.gptq import HessianAccumulator, gptq
+from fp_export.quant.lorc import lorc_factors
+from fp_export.quant.qlinear import QuantLinear
+from fp_export.quant.quantizer import WeightQuantizer
+from fp_export.quant.recipe import Recipe
 
 Progress = Callable[[str, int, int], None]
 
@@ -67,48 +65,27 @@ def _run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> li
 
 
 def quantize_linear(
-    module: nn.Module, recipe: Recipe, hessian: torch.Tensor | None, input_amax: float
+    module: nn.Module, recipe: Recipe, hessian: torch.Tensor | None, input_amax: float, name: str = ""
 ) -> QuantLinear:
     """One linear by the recipe: GPTQ or RTN weights, LoRC, activation format and static scale."""
     w = linear_weight(module)
     bias = None if module.bias is None else module.bias.detach().float()
     wc, qw = recipe.weights, w
     if wc is not None:
+        quantizer = WeightQuantizer(wc.format, wc.group_size, wc.scale_constraint)
         if wc.method == "gptq":
-            qw = gptq_quantize(w, hessian, wc.format, wc.group_size, wc.scale_constraint, wc.gptq)
+            qw = gptq(w, hessian, quantizer, wc.gptq.damp, wc.gptq.block_size, wc.gptq.act_order, name)
         else:
-            qw = rtn_quantize(w, wc.format, wc.group_size, wc.scale_constraint)
+            qw = quantizer.rtn(w)
     lorc = None
     if recipe.lorc is not None:
         lorc = lorc_factors(w - qw.dequantize(), recipe.lorc.rank, recipe.lorc.factor_format)
-    act, input_scale = recipe.activations, None
-    if act is not None and act.granularity == "tensor":
-        fmax = get_format(act.format).max
-        input_scale = torch.tensor(input_amax / fmax if input_amax > 0 else 1.0, dtype=torch.float32)
+    ac, act, input_scale = recipe.activations, None, None
+    if ac is not None:
+        act = ActivationQuantizer(ac.format, ac.granularity)
+        if ac.granularity == "tensor":
+            input_scale = absmax_scale(torch.tensor(input_amax, dtype=torch.float32), get_format(ac.format).max)
     return QuantLinear(qw, bias, act, input_scale, lorc)
-
-
-def _save_layer(state_dir: Path, index: int, layer: nn.Module) -> None:
-    tensors, specs = {}, {}
-    for name, m in linears_q(layer).items():
-        specs[name] = asdict(m.spec())
-        tensors.update({f"{name}.{k}": v.contiguous() for k, v in m.tensors().items()})
-    path = state_dir / f"layer_{index:05d}.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp, metadata={"specs": json.dumps(specs, sort_keys=True)})
-    os.replace(tmp, path)
-
-
-def _load_layer(state_dir: Path, index: int, layer: nn.Module) -> None:
-    from safetensors import safe_open
-
-    path = state_dir / f"layer_{index:05d}.safetensors"
-    with safe_open(path, "pt") as f:
-        specs = json.loads(f.metadata()["specs"])
-    tensors = load_file(path)
-    for name, spec in specs.items():
-        t = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        set_module(layer, name, QuantLinear.from_tensors(LayerSpec.from_dict(spec), t))
 
 
 def linears_q(layer: nn.Module) -> dict[str, QuantLinear]:
@@ -119,48 +96,38 @@ def quantize_model(
     model: nn.Module,
     recipe: Recipe,
     calib: torch.Tensor,
-    state_dir: Path | None = None,
-    fingerprint: dict | None = None,
+    state: ResumeState | None = None,
     progress: Progress | None = None,
 ) -> dict[str, QuantLinear]:
     """Quantize every linear of every decoder layer in place; returns them by qualified name.
 
-    ``state_dir``: per-layer state; if it holds a run with the same ``fingerprint`` (recipe, model,
-    calibration digests), the layers it finished are loaded instead of recomputed."""
+    ``state``: per-layer resume state; the layers an earlier run with the same fingerprint
+    finished are loaded from it instead of recomputed, and each new layer is saved to it."""
     if recipe.weights is None and recipe.activations is None:
         return {}
     layers = decoder_layers(model)
-    done = 0
-    if state_dir is not None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        progress_file = state_dir / "progress.json"
-        if progress_file.exists():
-            saved = json.loads(progress_file.read_text())
-            if saved.get("fingerprint") == fingerprint:
-                done = saved["layers_done"]
+    prefix = layer_prefix(model)
+    done = state.layers_done() if state is not None else 0
     inputs, kwargs = capture_layer_inputs(model, calib)
     for i, layer in enumerate(layers):
         if progress:
             progress("layers", i, len(layers))
         if i < done:
-            _load_layer(state_dir, i, layer)
+            for name, m in state.load_layer(i).items():
+                set_module(layer, name, m)
         else:
-            _calibrate_and_replace(layer, recipe, inputs, kwargs)
-            if state_dir is not None:
-                _save_layer(state_dir, i, layer)
-                tmp = state_dir / "progress.json.tmp"
-                tmp.write_text(json.dumps({"fingerprint": fingerprint, "layers_done": i + 1}))
-                os.replace(tmp, state_dir / "progress.json")
+            _calibrate_and_replace(layer, recipe, inputs, kwargs, f"{prefix}.{i}")
+            if state is not None:
+                state.save_layer(i, linears_q(layer))
         inputs = _run_layer(layer, inputs, kwargs)
     if progress:
         progress("layers", len(layers), len(layers))
-    prefix = layer_prefix(model)
     return {
         f"{prefix}.{i}.{name}": m for i, layer in enumerate(layers) for name, m in linears_q(layer).items()
     }
 
 
-def _calibrate_and_replace(layer: nn.Module, recipe: Recipe, inputs: list, kwargs: dict) -> None:
+def _calibrate_and_replace(layer: nn.Module, recipe: Recipe, inputs: list, kwargs: dict, where: str) -> None:
     """Collect each linear's Hessian and input absmax over the calibration inputs, then replace it.
     Linears fed the same tensor (q/k/v, gate/up) share one Hessian and one absmax."""
     targets = linears(layer)
@@ -195,4 +162,4 @@ def _calibrate_and_replace(layer: nn.Module, recipe: Recipe, inputs: list, kwarg
         seen.clear()
     for name, m in targets.items():
         h = accs[owner[name]].hessian() if need_h else None
-        set_module(layer, name, quantize_linear(m, recipe, h, amax[owner[name]]))
+        set_module(layer, name, quantize_linear(m, recipe, h, amax[owner[name]], f"{where}.{name}"))

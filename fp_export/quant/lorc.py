@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fp_export.formats import decode, encode, get_format
-from fp_export.scales import group_amax
+from fp_export.numerics.formats import decode, encode, get_format
+from fp_export.numerics.scales import absmax_scale, group_amax
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,9 @@ def _dequant_rows(codes: torch.Tensor, scale: torch.Tensor, fmt_name: str) -> to
 
 
 def _quant_rows(x: torch.Tensor, fmt_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric codes and scales of a float32 matrix."""
+    """Per-row symmetric codes uint8 [rows, cols] and scales float32 [rows] of a float32 matrix."""
     fmt = get_format(fmt_name)
-    amax = group_amax(x, None)[:, 0]
-    scale = torch.where(amax > 0, amax, torch.ones_like(amax)) / fmt.max
+    scale = absmax_scale(group_amax(x, None)[:, 0], fmt.max)
     return encode(x / scale[:, None], fmt), scale
 
 

@@ -1,9 +1,8 @@
-"""Loading Hugging Face causal LMs from local directories, and finding what to quantize in them.
+"""Loading Hugging Face causal LMs from local directories.
 
 Only safetensors weights are read (pickle-based ``.bin``/``.pt`` files are refused), every weight
-is checked finite, and the model runs in float32 on the CPU. Supported families: LLaMA-style
-(``model.layers``: LLaMA, Mistral, Qwen2, ...), OPT (``model.decoder.layers``) and GPT-2
-(``transformer.h``, whose ``Conv1D`` layers are handled as transposed linears).
+is checked finite, and the model runs in float32 on the CPU. Which families are supported, and
+what to quantize in them: ``hf.families``.
 """
 
 from __future__ import annotations
@@ -13,9 +12,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from torch import nn
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "kjv-llama-15m"
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "kjv-llama-15m"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -85,50 +83,3 @@ def load_model(path: str | Path = DEFAULT_MODEL):
             raise ModelError(f"model {p}: weight {name} has {bad} NaN/Inf values")
     tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
     return model, tokenizer, orig_dtype
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks, in order."""
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    archs = getattr(getattr(model, "config", None), "architectures", None)
-    named = f"{archs} in config.json, loaded as {type(model).__name__}" if archs else type(model).__name__
-    raise ModelError(
-        f"unsupported architecture {named}: no decoder layer list found "
-        "(supported: LLaMA/Mistral/Qwen2 model.layers, OPT model.decoder.layers, GPT-2 transformer.h)"
-    )
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as [out, in] float32 (GPT-2 ``Conv1D`` stores [in, out])."""
-    w = module.weight.detach().float()
-    return w.T.contiguous() if type(module).__name__ == "Conv1D" else w
-
-
-def linears(layer: nn.Module) -> dict[str, nn.Module]:
-    """Linear sub-modules of one block by their name inside it, in definition order."""
-    return {name: m for name, m in layer.named_modules() if name and is_linear(m)}
-
-
-def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
-def layer_prefix(model: nn.Module) -> str:
-    """Qualified name of the decoder layer list inside ``model`` (e.g. ``model.layers``)."""
-    layers = decoder_layers(model)
-    for name, m in model.named_modules():
-        if m is layers:
-            return name
-    raise ModelError("decoder layers not found among named modules")

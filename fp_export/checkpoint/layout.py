@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fp_export.model import set_module
-from fp_export.qlinear import LayerSpec, QuantLinear
-from fp_export.recipe import Recipe, recipe_from_dict
+from fp_export.hf.families import set_module
+from fp_export.quant.qlinear import LayerSpec, QuantLinear
+from fp_export.quant.recipe import Recipe, recipe_from_dict
 
 FORMAT_NAME = "fp-export"
 FORMAT_VERSION = 1
@@ -55,6 +55,39 @@ def model_digest(model_dir: Path) -> str:
     return h.hexdigest()
 
 
+def linear_tensors(qlayers: dict[str, QuantLinear]) -> dict[str, torch.Tensor]:
+    """``<linear>.<suffix>`` tensors of quantized linears by qualified name (README table)."""
+    return {f"{name}.{k}": v.contiguous() for name, m in qlayers.items() for k, v in m.tensors().items()}
+
+
+def linear_specs(qlayers: dict[str, QuantLinear]) -> dict[str, dict]:
+    """The manifest's ``layers`` entries of quantized linears, by qualified name."""
+    return {name: asdict(m.spec()) for name, m in sorted(qlayers.items())}
+
+
+def linears_from_tensors(tensors: dict[str, torch.Tensor], specs: dict[str, dict], where: Path
+                         ) -> dict[str, QuantLinear]:
+    """The inverse of ``linear_tensors`` + ``linear_specs``; consumed tensors are popped from
+    ``tensors``. Errors name ``where`` (the file) and the layer."""
+    out = {}
+    for qname, spec in specs.items():
+        prefix = qname + "."
+        t = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+        try:
+            out[qname] = QuantLinear.from_tensors(LayerSpec.from_dict(spec), t)
+        except (KeyError, ValueError, AttributeError, TypeError) as e:
+            raise CheckpointError(f"{where}: layer {qname}: {e}") from None
+    return out
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """safetensors file written atomically (temp + rename). ``metadata`` should hold one key:
+    safetensors writes several in hash order, which would break byte identity."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
 def checkpoint_tensors(
     model: nn.Module, qlayers: dict[str, QuantLinear], orig_dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
@@ -69,11 +102,11 @@ def checkpoint_tensors(
             continue
         seen.add(t.data_ptr())
         out[name] = (t.to(orig_dtype) if t.is_floating_point() else t).contiguous()
+    lin = linear_tensors(qlayers)
     for qname, m in qlayers.items():
-        t = m.tensors()
         if m.qweight is None:  # activation-only: the weight as loaded, in the model's dtype (lossless)
-            t["weight"] = t["weight"].to(orig_dtype)
-        out.update({f"{qname}.{k}": v.contiguous() for k, v in t.items()})
+            lin[f"{qname}.weight"] = lin[f"{qname}.weight"].to(orig_dtype)
+    out.update(lin)
     return out
 
 
@@ -98,14 +131,14 @@ def write_checkpoint(
             if (source_dir / name).is_file():
                 shutil.copyfile(source_dir / name, tmp / name)
         # one metadata key: safetensors writes several in hash order, which would break byte identity
-        save_file(tensors, tmp / WEIGHTS, metadata={"format": f"{FORMAT_NAME}/{FORMAT_VERSION}"})
+        save_tensors(tmp / WEIGHTS, tensors, {"format": f"{FORMAT_NAME}/{FORMAT_VERSION}"})
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "recipe": recipe.model_dump(),
             "recipe_sha256": recipe.digest(),
-            "layers": {n: asdict(m.spec()) for n, m in sorted(qlayers.items())},
+            "layers": linear_specs(qlayers),
             **extra,
             "files": files,
         }
@@ -156,13 +189,8 @@ def load_checkpoint(qdir: str | Path, verify: bool = True):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
     tensors = load_file(qdir / WEIGHTS)
-    for qname, spec in manifest["layers"].items():
-        prefix = qname + "."
-        t = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
-        try:
-            set_module(model, qname, QuantLinear.from_tensors(LayerSpec.from_dict(spec), t))
-        except (KeyError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"{qdir / WEIGHTS}: layer {qname}: {e}") from None
+    for qname, m in linears_from_tensors(tensors, manifest["layers"], qdir / WEIGHTS).items():
+        set_module(model, qname, m)
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])

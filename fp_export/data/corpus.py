@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-CORPUS = Path(__file__).resolve().parent / "data" / "kjv.txt.xz"
+CORPUS = Path(__file__).resolve().parent / "kjv.txt.xz"
 CORPUS_SHA256 = "5f516b7ea6167d4bbb3c67b0a8f3dca10b2b8e1df7f8ccac05052daa610e2d67"
 SPLITS = ("train", "validation", "test")
 

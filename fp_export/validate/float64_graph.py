@@ -6,7 +6,7 @@ a ``Cast`` to FLOAT becomes a Cast to DOUBLE, and ``logits`` is float64. Q/DQ op
 in float32 only, so an activation QuantizeLinear reads its input cast back to float32 and an
 activation DequantizeLinear's output is cast to float64: the quantizers round exactly as in
 the float32 graph, from float64 inputs. Constant-only subgraphs (weight decoding, weight
-DequantizeLinear) are untouched. ``fp_export.float64.float64_model`` is the PyTorch counterpart.
+DequantizeLinear) are untouched. ``float64_model.float64_model`` is the PyTorch counterpart.
 """
 
 from __future__ import annotations

@@ -2,12 +2,11 @@
 
 Forward, in float32, as deployed (the exported graph and GPU runtime compute the same):
 - static per-tensor activations: x_q = round_to_grid(x / s) * s, y = x_q W^T (+ (x_q v^T) u^T) + b;
-- token-wise dynamic: s = max|x| / max_q per token, x_u = round_to_grid(x / s) on the unit grid,
-  y = (x_u W^T (+ (x_u v^T) u^T)) * s + b, i.e. the token scale applied in the GEMM epilogue;
-W is the dequantized weight (``weights.dequantize``), u and v the dequantized LoRC factors.
-Output in the input's dtype. float64 inputs (``fp_export.float64``) are computed in float64, except
-that the quantizers round in float32 as the ONNX QuantizeLinear / DequantizeLinear operators do:
-the static Q/DQ entirely, the token-wise one from the float64 quotient x / s rounded to float32.
+- token-wise dynamic: s per token, x_u = round_to_grid(x / s) on the unit grid,
+  y = (x_u W^T (+ (x_u v^T) u^T)) * s + b, i.e. the token scale applied in the GEMM epilogue
+(``quant.activations``); W is the dequantized weight (``quant.weights``), u and v the dequantized
+LoRC factors. Output in the input's dtype; float64 inputs are computed in float64 (float64
+validation), the quantizers still rounding in float32.
 """
 
 from __future__ import annotations
@@ -18,11 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp_export.formats import fake_quantize, get_format, round_to_grid
-from fp_export.lorc import LoRCFactors
-from fp_export.recipe import ActivationConfig
-from fp_export.scales import token_scales
-from fp_export.weights import QuantizedWeight
+from fp_export.quant.activations import ActivationQuantizer
+from fp_export.quant.lorc import LoRCFactors
+from fp_export.quant.weights import QuantizedWeight
 
 
 @dataclass(frozen=True)
@@ -50,7 +47,7 @@ class QuantLinear(nn.Module):
         self,
         weight: QuantizedWeight | torch.Tensor,
         bias: torch.Tensor | None,
-        act: ActivationConfig | None = None,
+        act: ActivationQuantizer | None = None,
         input_scale: torch.Tensor | None = None,
         lorc: LoRCFactors | None = None,
     ):
@@ -73,13 +70,7 @@ class QuantLinear(nn.Module):
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [..., in] float32 or float64 -> (GEMM operand in x's dtype, per-token scale [..., 1]
         for the epilogue or None)."""
-        if self.act is None:
-            return x, None
-        fmt = get_format(self.act.format)
-        if self.act.granularity == "tensor":
-            return fake_quantize(x.float(), self.input_scale.float(), fmt).to(x.dtype), None
-        scale = token_scales(x, fmt)
-        return round_to_grid(x / scale, fmt).to(x.dtype), scale
+        return (x, None) if self.act is None else self.act(x, self.input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -128,8 +119,6 @@ class QuantLinear(nn.Module):
             weight = QuantizedWeight.from_tensors(
                 t, spec.weight_format, spec.group_size, spec.scale_constraint, spec.in_features
             )
-        act = None if spec.act_format is None else ActivationConfig(
-            format=spec.act_format, granularity=spec.act_granularity
-        )
+        act = None if spec.act_format is None else ActivationQuantizer(spec.act_format, spec.act_granularity)
         lorc = None if spec.lorc_rank == 0 else LoRCFactors.from_tensors(t, spec.lorc_format)
         return cls(weight, t.get("bias"), act, t.get("input_scale"), lorc)

@@ -1,8 +1,8 @@
 """A quantized LLaMA-family model run in float64 end to end: the PyTorch side of float64 validation.
 
 Float32 rounding differences between two correct backends flip dynamic-FP8 grid points, and the
-flips cascade (``validate.noise_floor``). In float64 the same differences are 2**29 times smaller,
-so comparing the float64 model with the float64 ONNX graph (``export.float64.to_float64``)
+flips cascade (``compare.noise_floor``). In float64 the same differences are 2**29 times smaller,
+so comparing the float64 model with the float64 ONNX graph (``float64_graph.to_float64``)
 checks that the graph computes the model's function, operator for operator.
 
 HF's LLaMA, Mistral and Qwen2 code computes RMSNorm and RoPE in float32 whatever the model's
@@ -20,10 +20,7 @@ from itertools import chain
 import torch
 from torch import nn
 
-from fp_export.export.onnx import llama_dims
-
-NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
-ROTARIES = ("LlamaRotaryEmbedding", "MistralRotaryEmbedding", "Qwen2RotaryEmbedding")
+from fp_export.hf.families import export_dims, family_of
 
 
 def _rms_norm(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
@@ -49,7 +46,8 @@ def _rotary(module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> tupl
 def float64_model(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` (a supported causal LM, possibly with ``QuantLinear`` layers) in float64; every
     tensor, hook and the attention implementation is restored on exit."""
-    llama_dims(model)
+    export_dims(model)
+    family = family_of(model)
     tensors = list({id(t): t for t in chain(model.parameters(), model.buffers()) if t.is_floating_point()}.values())
     saved = [t.data for t in tensors]
     attention = model.config._attn_implementation
@@ -58,9 +56,9 @@ def float64_model(model: nn.Module) -> Iterator[nn.Module]:
         for t in tensors:
             t.data = t.data.double()
         for m in model.modules():
-            if type(m).__name__ in NORMS:
+            if type(m).__name__ in family.norms:
                 handles.append(m.register_forward_hook(_rms_norm))
-            elif type(m).__name__ in ROTARIES:
+            elif type(m).__name__ in family.rotaries:
                 handles.append(m.register_forward_hook(_rotary, with_kwargs=True))
         model.set_attn_implementation("sdpa")
         yield model

@@ -1,37 +1,19 @@
-"""End-to-end jobs behind the CLI: quantize a model directory into a checkpoint; load either kind
-of directory for evaluation."""
+"""The quantize job: a Hugging Face model directory and a recipe in, a checkpoint directory out."""
 
 from __future__ import annotations
 
 import hashlib
-import shutil
-import time
 from pathlib import Path
 
 import torch
 
-from fp_export.checkpoint import (
-    MANIFEST, checkpoint_tensors, load_checkpoint, model_digest, read_manifest, write_checkpoint,
-)
-from fp_export.data import calibration_batch, load_text, text_sha256
-from fp_export.evaluate import model_seqlen, perplexity, tokenize
-from fp_export.model import check_model_dir, load_model
-from fp_export.quantize import Progress, quantize_model
-from fp_export.recipe import Recipe
-
-
-def state_dir_for(out: Path) -> Path:
-    """Where an interrupted ``quantize`` keeps its per-layer state (beside the output)."""
-    return out.parent / f".{out.name}.state"
-
-
-def load_any(path: str | Path):
-    """(model, tokenizer, manifest or None): a quantized checkpoint or a plain HF directory."""
-    p = Path(path)
-    if (p / MANIFEST).is_file():
-        return load_checkpoint(p)
-    model, tok, _ = load_model(p)
-    return model, tok, None
+from fp_export.checkpoint.layout import checkpoint_tensors, model_digest, read_manifest, write_checkpoint
+from fp_export.checkpoint.resume import ResumeState, state_dir_for
+from fp_export.data.corpus import calibration_batch, load_text, text_sha256
+from fp_export.evaluate.perplexity import model_seqlen, perplexity, tokenize
+from fp_export.hf.loading import check_model_dir, load_model
+from fp_export.ptq.sequential import Progress, quantize_model
+from fp_export.quant.recipe import Recipe
 
 
 def quantize_to_checkpoint(
@@ -50,7 +32,6 @@ def quantize_to_checkpoint(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     torch.manual_seed(0)
-    t0 = time.time()
     model, tok, orig_dtype = load_model(model_dir)
     cal = recipe.calibration
     seqlen = model_seqlen(model, cal.seqlen)
@@ -65,10 +46,8 @@ def quantize_to_checkpoint(
         "seed": cal.seed,
     }
     fingerprint = {"recipe": recipe.digest(), "model": model_digest(model_dir), "calibration": calibration}
-    state = state_dir_for(out)
-    if state.exists() and not resume:
-        shutil.rmtree(state)
-    qlayers = quantize_model(model, recipe, calib, state, fingerprint, progress)
+    state = ResumeState(state_dir_for(out), fingerprint, resume)
+    qlayers = quantize_model(model, recipe, calib, state, progress)
     metrics: dict = {}
     if eval_text is not None:
         ids = tokenize(tok, load_text(eval_text))
@@ -83,10 +62,8 @@ def quantize_to_checkpoint(
         "metrics": metrics,
     }
     write_checkpoint(out, model_dir, tensors, recipe, qlayers, extra, overwrite=overwrite)
-    shutil.rmtree(state, ignore_errors=True)
-    manifest = read_manifest(out)
-    manifest["seconds"] = round(time.time() - t0, 1)
-    return manifest
+    state.clear()
+    return read_manifest(out)
 
 
 def _tensor_digest(t: torch.Tensor) -> str:

@@ -1,0 +1,1 @@
+"""Text for calibration and evaluation: the packaged corpus and users' files (``corpus``)."""

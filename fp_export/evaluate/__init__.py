@@ -1,0 +1,1 @@
+"""The evaluate stage: perplexity by the paper's protocol (``perplexity``)."""
