@@ -25,7 +25,7 @@ from rich.progress import Progress
 
 from fp_export.hf.loading import DEFAULT_MODEL
 from fp_export.ptq.job import quantize_to_checkpoint
-from fp_export.ptq.recipe import bundled_recipes, load_recipe
+from fp_export.quant.recipe import bundled_recipes, load_recipe
 
 ORDER = ["w16a16", "w16a8-int8", "w16a8-fp8", "w8a8-int8", "w8a8-fp8", "w8a8-fp8-static", "w4a8-int4",
          "w4a8-fp4", "w4a8-fp4-lorc", "w4a8-fp4-m1", "w4a8-fp4-m2", "w4a8-fp4-m2-lorc"]
@@ -70,8 +70,9 @@ def run(model: Path, recipes: list[str], nsamples: int | None, max_windows: int 
 def markdown(rows: list[dict], model_name: str) -> str:
     base = next((r["perplexity"] for r in rows if r["recipe"] == "w16a16"), None)
     cals = sorted({r["calibration"] for r in rows if r["calibration"] != "none"})
+    cal = f"calibration {', '.join(cals)} tokens of the train split" if cals else "no calibration"
     lines = [f"Test perplexity of `{model_name}` ({rows[0]['tokens']} tokens, seqlen {rows[0]['seqlen']}; "
-             f"calibration {', '.join(cals) or 'none'} tokens of the train split; GPTQ where the recipe says so). "
+             f"{cal}; GPTQ where the recipe says so). "
              f"Machine: {rows[0]['device']}; seconds = calibration + quantization + evaluation, wall (CPU).", "",
              "| recipe | perplexity | vs W16A16 | calibration | seconds |", "|---|---|---|---|---|"]
     for r in rows:
