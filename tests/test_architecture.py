@@ -83,8 +83,10 @@ def packed_words() -> tuple[str, str]:
 
 def test_cuda_and_triton_tables_match_the_op():
     lo, hi = packed_words()
-    cu = (ROOT / "plugins" / "fp4_to_fp8.cu").read_text()
+    cu = (ROOT / "plugins" / "fp4_cast.cuh").read_text()  # the table of the cast kernel and the W4A8 GEMM
     assert f"{lo}u" in cu and f"{hi}u" in cu
+    for user in ("fp4_to_fp8.cu", "w4a8_gemm.cu"):
+        assert '#include "fp4_cast.cuh"' in (ROOT / "plugins" / user).read_text()
     triton = (PKG / "runtime" / "triton_w4a8.py").read_text()
     assert f"add.u32 tlo, x, {lo}" in triton and f"add.u32 thi, x, {hi}" in triton
 

@@ -1,0 +1,113 @@
+"""Token-wise FP8 E4M3 activation quantization fused into the kernels that produce the GEMM inputs
+(Triton, CUDA tensors):
+
+- ``rmsnorm_quant``: LLaMA RMSNorm (bf16 in/out semantics of Hugging Face ``LlamaRMSNorm``:
+  normalize in float32, round to bf16, multiply by the bf16 weight, round to bf16) followed by the
+  token quantizer, in one pass over the row;
+- ``silu_mul_quant``: SiLU(gate) * up in bf16 semantics (each op rounded to bf16, as eager
+  PyTorch does) followed by the token quantizer;
+- ``quantize_rows``: the token quantizer alone (one pass while the row fits in registers).
+
+Token quantizer (``runtime.linear.quantize_tokens`` / ``numerics.scales.token_scales``):
+s = max|y| / 448 (1/448 for an all-zero row), q = e4m3(y / s) round-to-nearest-even and saturated.
+Outputs: q float8_e4m3fn [M, H], s float32 [M] (and for ``rmsnorm_quant`` optionally the bf16 norm).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0
+MAX_ROW = 32768  # rows up to this length are held in registers (one program per row)
+
+
+@triton.jit
+def _quant_store(y, offs, ok, q_ptr, s_ptr, row, stride_q, FMAX: tl.constexpr):
+    amax = tl.max(tl.where(ok, tl.abs(y), 0.0), axis=0)
+    s = tl.math.div_rn(tl.where(amax > 0, amax, 1.0), FMAX)
+    q = tl.clamp(tl.math.div_rn(y, s), -FMAX, FMAX)
+    tl.store(q_ptr + row * stride_q + offs, q.to(tl.float8e4nv), mask=ok)
+    tl.store(s_ptr + row, s)
+
+
+@triton.jit
+def _rmsnorm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, y_ptr, H, eps, stride_x, stride_q, stride_y,
+                          FMAX: tl.constexpr, BLOCK: tl.constexpr, WRITE_Y: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < H
+    x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    var = tl.sum(x * x, axis=0) / H
+    h = (x * tl.math.rsqrt(var + eps)).to(tl.bfloat16)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.bfloat16)
+    y = (h.to(tl.float32) * w.to(tl.float32)).to(tl.bfloat16).to(tl.float32)
+    if WRITE_Y:
+        tl.store(y_ptr + row * stride_y + offs, y.to(tl.bfloat16), mask=ok)
+    _quant_store(y, offs, ok, q_ptr, s_ptr, row, stride_q, FMAX)
+
+
+@triton.jit
+def _silu_mul_quant_kernel(g_ptr, u_ptr, q_ptr, s_ptr, H, stride_g, stride_u, stride_q,
+                           FMAX: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < H
+    g = tl.load(g_ptr + row * stride_g + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + offs, mask=ok, other=0.0).to(tl.bfloat16)
+    a = (g / (1.0 + tl.exp(-g))).to(tl.bfloat16)
+    y = (a.to(tl.float32) * u.to(tl.float32)).to(tl.bfloat16).to(tl.float32)
+    _quant_store(y, offs, ok, q_ptr, s_ptr, row, stride_q, FMAX)
+
+
+@triton.jit
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, FMAX: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < H
+    y = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    _quant_store(y, offs, ok, q_ptr, s_ptr, row, stride_q, FMAX)
+
+
+def _alloc(m: int, h: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if h > MAX_ROW:
+        raise ValueError(f"fused quantization: rows of {h} > {MAX_ROW} elements")
+    # rows padded to 16 bytes so the W4A8 kernel can load 16-byte vectors
+    q = torch.empty(m, -(-h // 16) * 16, dtype=torch.float8_e4m3fn, device=device)[:, :h]
+    return q, torch.empty(m, dtype=torch.float32, device=device)
+
+
+def _warps(block: int) -> int:
+    return max(1, min(16, block // 512))
+
+
+def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, return_norm: bool = False):
+    """x bf16 [M, H], weight [H] -> (q float8_e4m3fn [M, H], s float32 [M]) (+ the bf16 norm [M, H]
+    when ``return_norm``)."""
+    m, h = x.shape
+    q, s = _alloc(m, h, x.device)
+    y = torch.empty(m, h, dtype=torch.bfloat16, device=x.device) if return_norm else q
+    block = triton.next_power_of_2(h)
+    _rmsnorm_quant_kernel[(m,)](x, weight, q, s, y, h, eps, x.stride(0), q.stride(0), y.stride(0), FMAX=FP8_MAX,
+                                BLOCK=block, WRITE_Y=return_norm, num_warps=_warps(block))
+    return (q, s, y) if return_norm else (q, s)
+
+
+def silu_mul_quant(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate, up bf16 [M, H] (views allowed, unit column stride) -> FP8 of SiLU(gate) * up and scales."""
+    m, h = gate.shape
+    q, s = _alloc(m, h, gate.device)
+    block = triton.next_power_of_2(h)
+    _silu_mul_quant_kernel[(m,)](gate, up, q, s, h, gate.stride(0), up.stride(0), q.stride(0), FMAX=FP8_MAX,
+                                 BLOCK=block, num_warps=_warps(block))
+    return q, s
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, H] any float dtype (unit column stride) -> (float8_e4m3fn [M, H], float32 [M])."""
+    m, h = x.shape
+    q, s = _alloc(m, h, x.device)
+    block = triton.next_power_of_2(h)
+    _quant_rows_kernel[(m,)](x, q, s, h, x.stride(0), q.stride(0), FMAX=FP8_MAX, BLOCK=block, num_warps=_warps(block))
+    return q, s

@@ -1,0 +1,287 @@
+"""W4A8 GEMM on Hopper: FP4 (M1/M2 shift-cast) weights x FP8 E4M3 token-wise activations.
+
+    y[m, n] = acc[m, n] * a_scale[m] * w_scale[n] + a_scale[m] * (t[m] . u[n]) (+ bias[n]),
+    acc[m, n] = sum_k a[m, k] * e4m3(fp4(code[n, k]) * 2**shift[n, k // G])
+
+a: float8_e4m3fn [M, K] (the token-quantized activations on the unit grid), a_scale float32 [M],
+w_scale float32 [N] (``dq_scale`` of ``QuantizedWeight.to_shift_cast()``),
+t = a @ lorc_v^T float32 [M, r] and u = lorc_u [N, r] the optional LoRC factors, bias float32 [N].
+
+Two paths, chosen by the number of tokens M (fixed rules, no run-time tuning):
+- M <= 16, or M <= ``SMALL_M`` without a kept FP8 copy (decode): ``plugins/w4a8_gemm.cu``, mma.sync m16n8k32 E4M3 with the weights as
+  the 16-row MMA side; the 4-bit weights are streamed once (pre-shuffled so each lane loads
+  16-byte vectors, 512 contiguous bytes per warp load, evict-first) and decoded by a PRMT table
+  lookup; K split over CTAs (``splits``) with a deterministic in-kernel reduction.
+- otherwise (prefill, large batches): the weights are cast to FP8 once per call (``weight_to_fp8``, the
+  same PRMT decode) into a shared workspace, or taken from a kept FP8 copy, and multiplied with
+  ``torch._scaled_mm`` (cuBLASLt, FP8 wgmma).
+
+Layout (``prepare``, pure torch, so it is tested on the CPU): the weight rows are padded to a
+multiple of 16 and K to a multiple of 128 with zero codes; for 16-row tile T and 128-wide chunk c,
+``wt[T, c, h, 4g + t]`` holds the 16 packed bytes (32 codes, standard nibble order) of row
+16T + 8h + g, codes 128c + 32t .. +31. Shifts are expanded to 32-code granularity and stored per
+(tile, chunk) as ``st[T, c, r, 0:sub]`` (sub = 1, 2 or 4 shifts per row and chunk: the fewest
+that represent the groups). Needs K % 32 == 0 and group_size % 32 == 0 (a partial last group is fine).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from fp_export.numerics.fp4_to_fp8 import fp4_to_fp8 as reference_cast
+
+PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
+LIB_NAME = "libfp_export_w4a8.so"
+NVCC_FLAGS = ["-O3", "-gencode=arch=compute_90,code=sm_90", "-Xcompiler", "-fPIC", "-shared"]
+SMALL_M = 32  # "auto": the mma.sync kernel up to this many tokens (it takes up to 64); H100 sweep in benchmarks/w4a8_sweep.json
+TILE_N, CHUNK_K = 16, 128
+
+
+class W4A8Unavailable(RuntimeError):
+    """No CUDA device, no nvcc, or the library failed to build or load."""
+
+
+@dataclass
+class W4A8Weight:
+    """A prepared weight. wt uint8 [tiles, kc, 2, 32, 16]; st int8 [tiles, kc, 16, sub];
+    w_scale float32 [n]; bias float32 [n] or None; lorc_u float32 [n, r] and lorc_v float32 [r, k]
+    or None; fp8: a kept E4M3 copy [n, k] (prefill without the per-call cast) or None."""
+
+    wt: torch.Tensor
+    st: torch.Tensor
+    w_scale: torch.Tensor
+    n: int
+    k: int
+    sub: int
+    bias: torch.Tensor | None = None
+    lorc_u: torch.Tensor | None = None
+    lorc_v: torch.Tensor | None = None
+    fp8: torch.Tensor | None = None
+
+    @property
+    def kc(self) -> int:
+        return self.wt.shape[1]
+
+    def to(self, device) -> "W4A8Weight":
+        mv = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return W4A8Weight(self.wt.to(device), self.st.to(device), self.w_scale.to(device), self.n, self.k, self.sub,
+                          mv(self.bias), mv(self.lorc_u), mv(self.lorc_v), mv(self.fp8))
+
+    def keep_fp8(self) -> "W4A8Weight":
+        """Keep an E4M3 copy (1 byte per weight more) so large-M calls skip the per-call cast."""
+        self.fp8 = weight_to_fp8(self)
+        return self
+
+
+def _check(packed: torch.Tensor, shift: torch.Tensor, group_size: int) -> tuple[int, int]:
+    n, half = packed.shape
+    k = 2 * half
+    if packed.dtype != torch.uint8 or shift.dtype != torch.int8:
+        raise ValueError(f"W4A8 weight: packed must be uint8 and shift int8, got {packed.dtype}, {shift.dtype}")
+    if k % 32 or group_size % 32 or shift.shape != (n, -(-k // group_size)):
+        raise ValueError(f"W4A8 weight: K={k}, group_size={group_size}, shift {tuple(shift.shape)}: needs K and "
+                         f"group_size multiples of 32 and shift [{n}, ceil({k}/group_size)]")
+    return n, k
+
+
+def prepare(packed: torch.Tensor, shift: torch.Tensor, group_size: int, w_scale: torch.Tensor,
+            bias: torch.Tensor | None = None, lorc_u: torch.Tensor | None = None,
+            lorc_v: torch.Tensor | None = None) -> W4A8Weight:
+    """packed uint8 [N, K/2] (standard nibble packing), shift int8 [N, ceil(K/group_size)] (the last
+    group may be partial), w_scale float32 [N] -> the kernel layout (on the inputs' device)."""
+    n, k = _check(packed, shift, group_size)
+    tiles, kc = -(-n // TILE_N), -(-k // CHUNK_K)
+    np_, kp = tiles * TILE_N, kc * CHUNK_K
+    p = torch.zeros(np_, kp // 2, dtype=torch.uint8, device=packed.device)
+    p[:n, : k // 2] = packed
+    wt = p.view(tiles, 2, 8, kc, 4, 16).permute(0, 3, 1, 2, 4, 5).contiguous()
+    s32 = torch.zeros(np_, kp // 32, dtype=torch.int8, device=packed.device)
+    s32[:n, : k // 32] = shift.repeat_interleave(group_size // 32, dim=1)[:, : k // 32]  # last group may be partial
+    s4 = s32.view(np_, kc, 4)
+    if bool((s4 == s4[:, :, :1]).all()):
+        s, sub = s4[:, :, :1], 1
+    elif bool((s4[:, :, 0::2] == s4[:, :, 1::2]).all()):
+        s, sub = s4[:, :, 0::2], 2
+    else:
+        s, sub = s4, 4
+    st = s.reshape(tiles, TILE_N, kc, sub).permute(0, 2, 1, 3).contiguous()
+    f32 = lambda x: None if x is None else x.detach().float().contiguous()  # noqa: E731
+    return W4A8Weight(wt, st, f32(w_scale), n, k, sub, f32(bias), f32(lorc_u), f32(lorc_v))
+
+
+def unprepare(w: W4A8Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of ``prepare``'s layout: (packed uint8 [N, K/2], shift per 32 codes int8 [N, K/32])."""
+    tiles, kc = w.wt.shape[:2]
+    p = w.wt.permute(0, 2, 3, 1, 4, 5).reshape(tiles * TILE_N, kc * CHUNK_K // 2)[: w.n, : w.k // 2]
+    s = w.st.permute(0, 2, 1, 3).reshape(tiles * TILE_N, kc, w.sub)
+    s32 = s.repeat_interleave(4 // w.sub, dim=2).reshape(tiles * TILE_N, kc * 4)[: w.n, : w.k // 32]
+    return p.contiguous(), s32.contiguous()
+
+
+def reference(a_codes: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, lorc_t: torch.Tensor | None = None,
+              dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The GEMM in ``dtype`` on the CPU from the prepared layout (``unprepare`` + the integer
+    reference cast of ``numerics.fp4_to_fp8``). a_codes: activation values on the FP8 grid [M, K]."""
+    from fp_export.numerics.formats import FP8_E4M3, decode
+
+    packed, s32 = unprepare(w.to("cpu"))
+    wf = decode(reference_cast(packed, s32, 32), FP8_E4M3).to(dtype)
+    s = a_scale.cpu().to(dtype)[:, None]
+    y = (a_codes.cpu().to(dtype) @ wf.T) * s * w.w_scale.cpu().to(dtype)[None, :]
+    if w.lorc_u is not None:
+        t = lorc_t if lorc_t is not None else a_codes.cpu().to(dtype) @ w.lorc_v.cpu().to(dtype).T
+        y = y + (t.cpu().to(dtype) @ w.lorc_u.cpu().to(dtype).T) * s
+    if w.bias is not None:
+        y = y + w.bias.cpu().to(dtype)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA library
+
+
+def build_library(out_dir: Path = PLUGINS / "build") -> Path:
+    """Compile ``w4a8_gemm.cu`` into ``out_dir/libfp_export_w4a8.so`` with nvcc (atomic rename)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise W4A8Unavailable("nvcc not found: install the CUDA toolkit to build plugins/w4a8_gemm.cu")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / LIB_NAME
+    tmp = out.with_suffix(f".so.{os.getpid()}.tmp")
+    subprocess.run([nvcc, *NVCC_FLAGS, "-o", str(tmp), str(PLUGINS / "w4a8_gemm.cu")], check=True)
+    os.replace(tmp, out)
+    return out
+
+
+@lru_cache(maxsize=1)
+def load_library() -> ctypes.CDLL:
+    env = os.environ.get("FP_EXPORT_W4A8_LIB")
+    path = Path(env) if env else PLUGINS / "build" / LIB_NAME
+    if not path.is_file():
+        path = build_library()
+    lib = ctypes.CDLL(str(path))
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.fp_export_w4a8_gemm.argtypes = [p, p, p, p, p, p, p, p, i, p, i, p, p, i, i, i, i, i, i, i, i, p]
+    lib.fp_export_w4a8_gemm.restype = i
+    lib.fp_export_w4a8_weight_to_fp8.argtypes = [p, p, p, i, i, i, i, p]
+    lib.fp_export_w4a8_weight_to_fp8.restype = i
+    return lib
+
+
+class _Workspace:
+    """Split-K partial sums (float32, grown on demand, never while a CUDA graph is captured) and
+    the arrival counters (int32, zero, left zero by the kernel); the FP8 weight buffer of the
+    large-M path. One per device; kernels on one stream use them in turn."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.partial = torch.empty(0, dtype=torch.float32, device=device)
+        self.counters = torch.zeros(1 << 16, dtype=torch.int32, device=device)
+        self.fp8 = torch.empty(0, dtype=torch.uint8, device=device)
+
+    def grow(self, name: str, numel: int) -> torch.Tensor:
+        buf = getattr(self, name)
+        if buf.numel() < numel:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"W4A8 workspace '{name}' must hold {numel} elements before CUDA graph capture: "
+                                   "run the largest call once before capturing")
+            buf = torch.empty(numel, dtype=buf.dtype, device=self.device)
+            setattr(self, name, buf)
+        return buf
+
+
+_WS: dict[torch.device, _Workspace] = {}
+
+
+def workspace(device: torch.device) -> _Workspace:
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _WS:
+        _WS[device] = _Workspace(device)
+    return _WS[device]
+
+
+def default_splits(m: int, n: int, k: int, sms: int = 132) -> int:
+    """K splits of the small-M kernel: about ``CTAS_PER_SM`` CTAs (4 warps = 64 weight rows each)
+    per multiprocessor, at least ``MIN_CHUNKS`` 128-wide K chunks per split. Fixed rule, fitted to
+    the H100 sweep of benchmarks/w4a8_sweep.json (L2-cold weights, splits 1..32)."""
+    ctas = -(-n // (TILE_N * 4))
+    kc = -(-k // CHUNK_K)
+    want = max(1, (CTAS_PER_SM * sms) // ctas)
+    return max(1, min(want, kc // MIN_CHUNKS if kc >= MIN_CHUNKS else 1, 64))
+
+
+CTAS_PER_SM = 4
+MIN_CHUNKS = 4
+
+
+def weight_to_fp8(w: W4A8Weight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """E4M3 weight [N, K] of a prepared weight: float8_e4m3fn from the CUDA kernel, uint8 bits
+    from the integer reference on CPU tensors."""
+    if not w.wt.is_cuda:
+        packed, s32 = unprepare(w)
+        return reference_cast(packed, s32, 32)
+    if out is None:
+        out = torch.empty(w.n, w.k, dtype=torch.uint8, device=w.wt.device)
+    rc = load_library().fp_export_w4a8_weight_to_fp8(w.wt.data_ptr(), w.st.data_ptr(), out.data_ptr(), w.n, w.k,
+                                                     w.kc, w.sub, torch.cuda.current_stream(w.wt.device).cuda_stream)
+    if rc != 0:
+        raise W4A8Unavailable(f"fp_export_w4a8_weight_to_fp8 failed with CUDA error {rc}")
+    return out.view(torch.float8_e4m3fn)
+
+
+def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, out_dtype: torch.dtype = torch.bfloat16,
+         splits: int | None = None, path: str = "auto") -> torch.Tensor:
+    """y [M, N] (``out_dtype`` bfloat16 or float32) of a float8_e4m3fn [M, K] (row stride a
+    multiple of 16), a_scale float32 [M]; see the module docstring. ``path``: "auto" (by M),
+    "mma" (M <= 64) or "scaled_mm"."""
+    m, k = a.shape
+    if k != w.k:
+        raise ValueError(f"W4A8 gemm: activations have K={k}, the weight K={w.k}")
+    if path == "auto":  # H100 measurements: benchmarks/kernels.json
+        path = "mma" if m <= 16 or (m <= SMALL_M and w.fp8 is None) else "scaled_mm"
+    lorc_t = None
+    if w.lorc_u is not None:
+        lorc_t = torch.mm(a.float(), w.lorc_v.T)
+    if path == "scaled_mm":
+        ws = workspace(a.device)
+        fp8 = w.fp8 if w.fp8 is not None else weight_to_fp8(w, ws.grow("fp8", w.n * w.k)[: w.n * w.k].view(w.n, w.k))
+        if w.n % 16 or k % 16:  # cuBLASLt FP8 needs multiples of 16: exact float32 products instead
+            y = (a.float() @ fp8.float().T) * a_scale[:, None] * w.w_scale[None, :]
+        else:
+            y = torch._scaled_mm(a.contiguous(), fp8.t(), scale_a=a_scale[:, None], scale_b=w.w_scale[None, :],
+                                 out_dtype=torch.float32 if (lorc_t is not None or out_dtype == torch.float32)
+                                 else torch.bfloat16)
+        if lorc_t is not None:
+            y = y + torch.mm(lorc_t, w.lorc_u.T) * a_scale[:, None]
+        if w.bias is not None:
+            y = y + w.bias
+        return y.to(out_dtype)
+    if m > SMALL_M or a.stride(1) != 1 or a.stride(0) % 16 or a.data_ptr() % 16:
+        raise ValueError(f"W4A8 mma path: needs M <= {SMALL_M} and 16-byte aligned rows (M={m}, strides {a.stride()})")
+    if splits is None:
+        splits = default_splits(m, w.n, w.k)
+    splits = max(1, min(splits, w.kc))
+    ws = workspace(a.device)
+    part = ws.grow("partial", splits * m * w.wt.shape[0] * TILE_N) if splits > 1 else ws.partial
+    out = torch.empty(m, w.n, dtype=out_dtype, device=a.device)
+    a_scale = a_scale.contiguous()
+    rank = 0 if lorc_t is None else lorc_t.shape[1]
+    ptr = lambda x: 0 if x is None else x.data_ptr()  # noqa: E731
+    rc = load_library().fp_export_w4a8_gemm(
+        w.wt.data_ptr(), w.st.data_ptr(), a.data_ptr(), a_scale.data_ptr(), w.w_scale.data_ptr(), ptr(w.bias),
+        ptr(lorc_t), ptr(w.lorc_u), rank, out.data_ptr(), int(out_dtype == torch.bfloat16), part.data_ptr(),
+        ws.counters.data_ptr(), m, w.n, w.k, a.stride(0), out.stride(0), w.kc, w.sub, splits,
+        torch.cuda.current_stream(a.device).cuda_stream)
+    if rc != 0:
+        raise W4A8Unavailable(f"fp_export_w4a8_gemm failed with CUDA error {rc}")
+    return out

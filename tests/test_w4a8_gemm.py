@@ -1,0 +1,117 @@
+"""The W4A8 GEMM (plugins/w4a8_gemm.cu via fp_export.runtime.w4a8_gemm) and the fused activation
+quantizers: CPU tests of the weight layout and the float64 reference; GPU tests (skipped without
+CUDA) against that reference at M = 1, 16, 100, 512, 4096, odd K/N and every group layout."""
+
+import pytest
+import torch
+
+from fp_export.numerics.formats import FP8_E4M3, decode, round_to_grid
+from fp_export.numerics.fp4_to_fp8 import fp4_to_fp8 as reference_cast
+from fp_export.numerics.fp4_to_fp8 import SHIFT_MAX, SHIFT_MIN
+from fp_export.runtime import w4a8_gemm as W
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# (N, K, group): odd N, K not a multiple of 128, groups of 32 / 64 / >= 128 (sub = 4, 2, 1), per channel,
+# a partial last group (576 = 2 * 256 + 64)
+SHAPES = [(384, 1024, 256), (200, 576, 64), (17, 96, 32), (96, 256, 256), (45, 640, 640), (40, 576, 256)]
+
+
+def random_weight(n, k, g, seed, lorc=False, bias=True, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+    shift = torch.randint(SHIFT_MIN, SHIFT_MAX + 1, (n, -(-k // g)), dtype=torch.int8, generator=gen)
+    w_scale = torch.rand(n, generator=gen) * 1e-3 + 1e-4
+    b = torch.randn(n, generator=gen) if bias else None
+    u = torch.randn(n, 8, generator=gen) * 0.1 if lorc else None
+    v = torch.randn(8, k, generator=gen) * 0.1 if lorc else None
+    w = W.prepare(packed.to(device), shift.to(device), g, w_scale.to(device), b, u, v)
+    return w.to(device), packed, shift, w_scale, b, u, v
+
+
+@pytest.mark.parametrize("n,k,g", SHAPES)
+def test_layout_round_trip_and_sub(n, k, g):
+    w, packed, shift, *_ = random_weight(n, k, g, seed=n)
+    p, s32 = W.unprepare(w)
+    assert torch.equal(p, packed) and torch.equal(s32, shift.repeat_interleave(g // 32, dim=1)[:, : k // 32])
+    assert w.sub == {32: 4, 64: 2}.get(g, 1 if k % g == 0 or (k % g) % 128 == 0 else 2)
+    assert w.wt.shape[:2] == (-(-n // 16), -(-k // 128)) and w.st.shape == (-(-n // 16), -(-k // 128), 16, w.sub)
+
+
+def test_layout_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        W.prepare(torch.zeros(4, 24, dtype=torch.uint8), torch.zeros(4, 3, dtype=torch.int8), 16, torch.ones(4))
+    with pytest.raises(ValueError, match="ceil"):
+        W.prepare(torch.zeros(4, 64, dtype=torch.uint8), torch.zeros(4, 3, dtype=torch.int8), 64, torch.ones(4))
+
+
+@pytest.mark.parametrize("n,k,g", SHAPES[:3])
+def test_reference_matches_independent_dequantization(n, k, g):
+    """The layout-based float64 reference equals x @ (fp4 * 2**shift * w_scale)^T computed from the
+    standard packing with ml_dtypes-independent decode of the cast reference."""
+    w, packed, shift, w_scale, b, u, v = random_weight(n, k, g, seed=k, lorc=True)
+    a = round_to_grid(torch.randn(5, k, dtype=torch.float64).float() * 50, FP8_E4M3).double()
+    s = torch.rand(5, dtype=torch.float64) + 0.5
+    wf = decode(reference_cast(packed, shift, g), FP8_E4M3).double() * w_scale.double()[:, None]
+    ref = (a @ wf.T) * s[:, None] + ((a @ v.double().T) @ u.double().T) * s[:, None] + b.double()
+    got = W.reference(a, s, w)
+    assert torch.allclose(got, ref, rtol=1e-12, atol=1e-9)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 100, 512, 4096])
+@pytest.mark.parametrize("n,k,g", SHAPES)
+def test_gemm_matches_float64_reference(m, n, k, g):
+    from fp_export.runtime.fused_quant import quantize_rows
+
+    w = random_weight(n, k, g, seed=m + n, lorc=(m % 2 == 0), device="cuda")[0]
+    x = torch.randn(m, k, device="cuda") * torch.logspace(-2, 2, m, device="cuda")[:, None]
+    xq, xs = quantize_rows(x)
+    ref = W.reference(xq.float().cpu(), xs.cpu(), w)
+    paths = ["mma", "scaled_mm"] if m <= 64 else ["scaled_mm"]
+    for path in paths:
+        for splits in ([1, 3] if path == "mma" else [None]):
+            y = W.gemm(xq, xs, w, out_dtype=torch.float32, splits=splits, path=path)
+            # float32 accumulation; cuBLASLt FP8 accumulates with reduced precision (measured <= 2e-4)
+            tol = 1e-6 if path == "mma" else 5e-4
+            rel = ((y.cpu().double() - ref).norm() / ref.norm()).item()
+            assert rel < tol, (path, splits, rel)
+            assert torch.equal(y, W.gemm(xq, xs, w, out_dtype=torch.float32, splits=splits, path=path))
+            yb = W.gemm(xq, xs, w, out_dtype=torch.bfloat16, splits=splits, path=path)
+            assert ((yb.cpu().double() - ref).norm() / ref.norm()).item() < 4e-3
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,g", SHAPES)
+def test_weight_to_fp8_is_exact(n, k, g):
+    w, packed, shift, *_ = random_weight(n, k, g, seed=3, device="cuda")
+    assert torch.equal(W.weight_to_fp8(w).view(torch.uint8).cpu(), reference_cast(packed, shift, g))
+
+
+@gpu
+@pytest.mark.gpu
+def test_fused_quantizers_match_unfused():
+    from fp_export.runtime.fused_quant import quantize_rows, rmsnorm_quant, silu_mul_quant
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(33, 1000, device="cuda", generator=g) * 4).bfloat16()
+    x[3] = 0
+    q, s = quantize_rows(x)
+    amax = x.float().cpu().abs().amax(-1)  # CPU: CUDA divides by a scalar through its reciprocal
+    ref_s = torch.where(amax > 0, amax, torch.ones_like(amax)) / 448
+    assert torch.equal(s.cpu(), ref_s)
+    assert torch.equal(q.float().cpu(), round_to_grid(x.float().cpu() / ref_s[:, None], FP8_E4M3))
+    wn = (torch.rand(1000, device="cuda", generator=g) + 0.5).bfloat16()
+    h = x.float()
+    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16() * wn
+    q2, s2, y2 = rmsnorm_quant(x, wn, 1e-6, return_norm=True)
+    assert (y2.float() - h.float()).abs().max() <= h.float().abs().max() * 2**-7  # rsqrt: at most 1 bf16 ulp
+    qr, sr = quantize_rows(y2)
+    assert torch.equal(s2, sr) and torch.equal(q2.float(), qr.float())
+    gate, up = x[:, :500], x[:, 500:]
+    ref = torch.nn.functional.silu(gate) * up
+    q3, s3 = silu_mul_quant(gate, up)
+    qr, sr = quantize_rows(ref)
+    assert torch.allclose(s3, sr, rtol=2**-7) and (q3.float() != qr.float()).float().mean() < 0.01
