@@ -22,7 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
 out = Console()
 
-MODEL_HELP = "Local Hugging Face model directory (default: the embedded kjv-llama-15m)."
+MODEL_HELP = "Local Hugging Face model directory or .gguf file (default: the embedded kjv-llama-15m)."
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -113,9 +113,31 @@ def _print_summary(manifest: dict, out_dir: Path, seconds: float) -> None:
     out.print(table)
 
 
+@app.command()
+def convert(
+    gguf_file: Path = typer.Option(..., "--gguf", help="GGUF file (llama.cpp) to convert."),
+    out_dir: Path = typer.Option(..., "--out", help="Hugging Face model directory to write."),
+    dtype: str = typer.Option("auto", help="auto (from the GGUF file type; bfloat16 for quantized types), "
+                                           "bfloat16, float16 or float32."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+):
+    """Convert a GGUF file into a Hugging Face safetensors directory (config, tokenizer, weights)."""
+    import time
+
+    from fp_export.hf.gguf import SIDECAR, convert_gguf
+
+    _quiet_transformers()
+    t0 = time.time()
+    with user_errors():
+        path = convert_gguf(gguf_file, out_dir, dtype=dtype, overwrite=overwrite)
+    info = json.loads((path / SIDECAR).read_text())
+    out.print(f"wrote {path} ({info['architecture']}, {info['dtype']}; source sha256 {info['sha256'][:16]}...) "
+              f"in {time.time() - t0:.1f} s")
+
+
 @app.command("eval")
 def eval_cmd(
-    model: Path = typer.Option(DEFAULT_MODEL, help="Checkpoint or HF model directory."),
+    model: Path = typer.Option(DEFAULT_MODEL, help="Checkpoint, HF model directory or .gguf file."),
     text: str = typer.Option("test", help="Corpus split (train/validation/test) or a text file."),
     seqlen: Optional[int] = typer.Option(None, min=8, help="Window length (default min(2048, max positions))."),
     max_windows: Optional[int] = typer.Option(None, min=1, help="Score only the first N windows."),

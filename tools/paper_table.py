@@ -1,14 +1,21 @@
 """Reproduce ZeroQuant-FP's comparison on one model: every bundled recipe, test perplexity each.
 
-Writes ``<out>/paper_table.md`` (Markdown table, with the delta against W16A16), ``paper_table.json``
-and ``paper_table.png`` (perplexity per recipe). Example (the README's table):
+Writes ``<out>/<name>.md`` (Markdown table, with the delta against W16A16), ``<name>.json`` and
+``<name>.png`` (perplexity per recipe); ``<name>`` is ``paper_table`` for the embedded model and
+``paper_table_<model dir name>`` for another ``--model`` (a directory or a ``.gguf`` file).
+Each row records its wall and CPU seconds (calibration + quantization + evaluation) and the
+machine. Token-wise dynamic activation-only recipes (``w16a8-*``) use no calibration data; they
+run with a single calibration window. Examples (the README's tables):
     python tools/paper_table.py --out benchmarks/
+    python tools/paper_table.py --model /path/smollm2-135m-instruct --recipes w16a16 w8a8-fp8 --out benchmarks/
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -20,8 +27,24 @@ from fp_export.hf.loading import DEFAULT_MODEL
 from fp_export.ptq.job import quantize_to_checkpoint
 from fp_export.quant.recipe import bundled_recipes, load_recipe
 
-ORDER = ["w16a16", "w8a8-int8", "w8a8-fp8", "w8a8-fp8-static", "w4a8-int4", "w4a8-fp4", "w4a8-fp4-lorc",
-         "w4a8-fp4-m1", "w4a8-fp4-m2", "w4a8-fp4-m2-lorc"]
+ORDER = ["w16a16", "w16a8-int8", "w16a8-fp8", "w8a8-int8", "w8a8-fp8", "w8a8-fp8-static", "w4a8-int4",
+         "w4a8-fp4", "w4a8-fp4-lorc", "w4a8-fp4-m1", "w4a8-fp4-m2", "w4a8-fp4-m2-lorc"]
+
+
+def uses_calibration(r) -> bool:
+    """Whether a recipe reads its calibration windows (GPTQ Hessians or static activation scales)."""
+    return (r.weights is not None and r.weights.method == "gptq") or (
+        r.activations is not None and r.activations.granularity == "tensor")
+
+
+def device_name() -> str:
+    """This machine in words: CPU model and the cores this process may use."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {cpu}, {len(os.sched_getaffinity(0))} cores, torch threads {__import__('torch').get_num_threads()}"
 
 
 def run(model: Path, recipes: list[str], nsamples: int | None, max_windows: int | None) -> list[dict]:
@@ -30,25 +53,32 @@ def run(model: Path, recipes: list[str], nsamples: int | None, max_windows: int 
         task = prog.add_task("recipes", total=len(recipes))
         for name in recipes:
             r = load_recipe(name)
-            if nsamples:
-                r = r.model_copy(update={"calibration": r.calibration.model_copy(update={"nsamples": nsamples})})
-            t0 = time.time()
+            n = (nsamples or r.calibration.nsamples) if uses_calibration(r) else 1
+            r = r.model_copy(update={"calibration": r.calibration.model_copy(update={"nsamples": n})})
+            t0, c0 = time.time(), time.process_time()
             m = quantize_to_checkpoint(model, r, Path(tmp) / r.name, max_eval_windows=max_windows)
+            cal = m["calibration"]
             rows.append({"recipe": r.name, "description": r.description, **m["metrics"],
-                         "calibration": f"{m['calibration']['nsamples']}x{m['calibration']['seqlen']}",
-                         "seconds": round(time.time() - t0, 1)})
+                         "calibration": f"{cal['nsamples']}x{cal['seqlen']}" if uses_calibration(r) else "none",
+                         "calibration_tokens_sha256": cal["tokens_sha256"],
+                         "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1),
+                         "load_average_1min": round(os.getloadavg()[0], 2), "device": device_name()})
             prog.advance(task)
     return rows
 
 
 def markdown(rows: list[dict], model_name: str) -> str:
     base = next((r["perplexity"] for r in rows if r["recipe"] == "w16a16"), None)
+    cals = sorted({r["calibration"] for r in rows if r["calibration"] != "none"})
+    cal = f"calibration {', '.join(cals)} tokens of the train split" if cals else "no calibration"
     lines = [f"Test perplexity of `{model_name}` ({rows[0]['tokens']} tokens, seqlen {rows[0]['seqlen']}; "
-             f"calibration {rows[0]['calibration']} tokens; GPTQ where the recipe says so).", "",
-             "| recipe | perplexity | vs W16A16 |", "|---|---|---|"]
+             f"{cal}; GPTQ where the recipe says so). "
+             f"Machine: {rows[0]['device']}; seconds = calibration + quantization + evaluation, wall (CPU).", "",
+             "| recipe | perplexity | vs W16A16 | calibration | seconds |", "|---|---|---|---|---|"]
     for r in rows:
         delta = f"{100 * (r['perplexity'] / base - 1):+.2f}%" if base else "-"
-        lines.append(f"| {r['recipe']} | {r['perplexity']:.3f} | {delta} |")
+        lines.append(f"| {r['recipe']} | {r['perplexity']:.3f} | {delta} | {r['calibration']} | "
+                     f"{r['seconds']:.0f} ({r['cpu_seconds']:.0f}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -76,20 +106,29 @@ def plot(rows: list[dict], path: Path, model_name: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF model directory or .gguf file")
     ap.add_argument("--out", type=Path, default=Path("benchmarks"))
     ap.add_argument("--recipes", nargs="*", default=None, help="default: every bundled recipe")
-    ap.add_argument("--nsamples", type=int, default=None, help="override calibration.nsamples")
+    ap.add_argument("--nsamples", type=int, default=None,
+                    help="override calibration.nsamples of the recipes that use calibration")
     ap.add_argument("--max-windows", type=int, default=None, help="limit evaluation windows")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of an existing <name>.json, replacing those of the recipes run now")
     args = ap.parse_args()
     names = args.recipes or [n for n in ORDER if n in bundled_recipes()] + [
         n for n in bundled_recipes() if n not in ORDER]
     rows = run(args.model, names, args.nsamples, args.max_windows)
     args.out.mkdir(parents=True, exist_ok=True)
-    model_name = args.model.name
-    (args.out / "paper_table.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / "paper_table.md").write_text(markdown(rows, model_name))
-    plot(rows, args.out / "paper_table.png", model_name)
+    model_name = args.model.stem if args.model.suffix == ".gguf" else args.model.name
+    stem = "paper_table" if args.model.resolve() == DEFAULT_MODEL else f"paper_table_{model_name}"
+    if args.append and (args.out / f"{stem}.json").is_file():
+        new = {r["recipe"] for r in rows}
+        rows += [r for r in json.loads((args.out / f"{stem}.json").read_text()) if r["recipe"] not in new]
+        rank = {n: i for i, n in enumerate(ORDER)}
+        rows.sort(key=lambda r: rank.get(r["recipe"], len(ORDER)))
+    (args.out / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(rows, model_name))
+    plot(rows, args.out / f"{stem}.png", model_name)
     print(markdown(rows, model_name))
 
 

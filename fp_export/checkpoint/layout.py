@@ -92,7 +92,9 @@ def checkpoint_tensors(
     model: nn.Module, qlayers: dict[str, QuantLinear], orig_dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint by name: non-quantized ones cast back to ``orig_dtype``
-    (tied duplicates dropped: the config re-ties them), then each quantized linear's tensors."""
+    (tied duplicates dropped: the config re-ties them), then each quantized linear's tensors
+    (an activation-only linear's ``weight`` also in ``orig_dtype``: the float32 copy was upcast
+    from it, so the cast back is exact)."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, t in model.state_dict(keep_vars=False).items():
@@ -100,7 +102,11 @@ def checkpoint_tensors(
             continue
         seen.add(t.data_ptr())
         out[name] = (t.to(orig_dtype) if t.is_floating_point() else t).contiguous()
-    out.update(linear_tensors(qlayers))
+    lin = linear_tensors(qlayers)
+    for qname, m in qlayers.items():
+        if m.qweight is None:  # activation-only: the weight as loaded, in the model's dtype (lossless)
+            lin[f"{qname}.weight"] = lin[f"{qname}.weight"].to(orig_dtype)
+    out.update(lin)
     return out
 
 

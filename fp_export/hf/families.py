@@ -55,8 +55,10 @@ def family_of(model: nn.Module) -> Family:
                 return f
         except AttributeError:
             continue
+    archs = getattr(getattr(model, "config", None), "architectures", None)
+    named = f"{archs} in config.json, loaded as {name}" if archs else name
     raise ModelError(
-        f"unsupported architecture {name}: no decoder layer list found (supported: "
+        f"unsupported architecture {named}: no decoder layer list found (supported: "
         + ", ".join(f"{'/'.join(f.classes)} {f.layers}" for f in FAMILIES) + ")"
     )
 

@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "kjv-llama-15m"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 class ModelError(ValueError):
@@ -22,8 +23,14 @@ class ModelError(ValueError):
 
 
 def check_model_dir(path: str | Path) -> Path:
-    """Validate a local HF model directory: config.json plus safetensors weights, no pickle."""
+    """Validate a local HF model directory: config.json plus safetensors weights, no pickle.
+    A ``.gguf`` file is converted (cached, ``fp_export.hf.gguf.resolve_model``) and its directory
+    returned."""
     p = Path(path)
+    if p.suffix.lower() == ".gguf":
+        from fp_export.hf.gguf import resolve_model
+
+        p = resolve_model(p)
     if not p.exists():
         hint = " (Hugging Face Hub ids cannot be fetched offline: pass a local model directory)" \
             if "/" in str(path) and not str(path).startswith((".", "/")) else ""
@@ -54,6 +61,12 @@ def load_model(path: str | Path = DEFAULT_MODEL):
 
     p = check_model_dir(path)
     config = AutoConfig.from_pretrained(p, local_files_only=True)
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in archs):
+        raise ModelError(
+            f"model {p / 'config.json'}: architectures {archs} (model_type {config.model_type!r}) is not a "
+            f"causal LM; fp-export quantizes causal LMs (architectures ending in {' or '.join(CAUSAL_LM_SUFFIXES)})"
+        )
     orig_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     if isinstance(orig_dtype, str):
         orig_dtype = getattr(torch, orig_dtype)

@@ -8,10 +8,19 @@ Two precisions (``validate_onnx``):
   quantizers round in float32 in both. Float32 rounding noise is gone, so any disagreement is a
   difference of function. Tolerances: perplexity within 0.5%, top-1 agreement >= 99%.
 - float32 (the graph as exported): dynamic activation quantization turns float32 rounding
-  differences between two correct backends into grid flips that cascade, so the report adds the
-  PyTorch model's noise floor (top-1 agreement with itself after every weight is nudged by one
-  float32 ulp) and requires top-1 >= min(0.99, floor - 0.005), perplexity within 0.5%.
+  differences between two correct backends into grid flips that cascade, and on models with
+  outlier activations the flips move perplexity too. The report adds the PyTorch model's noise
+  floor: its disagreement with itself when every weight is nudged by one float32 ulp in a
+  seeded random direction, over ``Tolerances.floor_seeds`` seeds (top-1 agreement and
+  perplexity shift per seed). A correct backend is one more such rounding realization, so it
+  must look like a draw from that distribution: top-1 >= min(0.99, lowest floor agreement -
+  0.005) and perplexity within max(0.5%, 2 x the largest floor shift); the factor 2 covers a
+  draw beyond the largest of a few seeds (measured: benchmarks/validate_float32.md).
 ``validate_gpu``: the GPU runtime against ONNX Runtime, float32, with a wider floor margin.
+
+Memory: windows run one batch at a time (one window when a batch's float64 logits would pass
+1 GiB); each batch's logits are reduced to running sums (max error, top-1 hits, NLL in chunks of
+``CHUNK_ROWS`` positions) and dropped, so no whole-vocabulary float64 copy is kept.
 """
 
 from __future__ import annotations
@@ -37,17 +46,57 @@ PRECISIONS = ("float64", "float32")
 
 @dataclass(frozen=True)
 class Tolerances:
-    """Perplexity relative difference, minimum top-1 agreement, and the margin below the noise
-    floor that float32 comparisons allow."""
+    """Requirements of ``compare`` (module docstring): perplexity within ``ppl_rel`` and top-1
+    agreement >= ``top1_min``; with a noise floor (``floor_seeds`` perturbed runs of the model),
+    top-1 >= min(top1_min, lowest floor agreement - ``floor_margin``) and perplexity within
+    max(ppl_rel, ``floor_ppl_factor`` x the largest floor perplexity shift)."""
 
     ppl_rel: float = 0.005
     top1_min: float = 0.99
     floor_margin: float = 0.005
+    floor_seeds: int = 3
+    floor_ppl_factor: float = 2.0
 
 
-def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
-    """Summed next-token NLL of a batch [B, S, V] of windows [B, S] (``evaluate.window_nll`` per row)."""
-    return sum(window_nll(torch.from_numpy(lg[None]), torch.from_numpy(w)) for lg, w in zip(logits, ids))
+
+CHUNK_ROWS = 256  # logit rows per float64 chunk: 256 x 49152 x 8 B = 100 MB for a 49k vocabulary
+
+
+def _window_nll(logits: np.ndarray, window: np.ndarray) -> float:
+    """Summed next-token NLL of one window's logits [S, V] (``evaluate.window_nll`` over chunks of
+    ``CHUNK_ROWS`` positions: the float64 copy is one chunk, never the whole [S, V])."""
+    lg, w = torch.from_numpy(logits), torch.from_numpy(window)
+    n = w.numel()
+    return sum(window_nll(lg[i : min(i + CHUNK_ROWS, n - 1) + 1][None], w[i : min(i + CHUNK_ROWS, n - 1) + 1])
+               for i in range(0, n - 1, CHUNK_ROWS))
+
+
+@dataclass
+class _Stats:
+    """Running sums over batches, so that no batch's logits outlive its own comparison."""
+
+    abs_err: float = 0.0
+    ref_max: float = 0.0
+    top1_hits: int = 0
+    positions: int = 0
+    nll: float = 0.0
+    nll_ref: float = 0.0
+
+    def add(self, got: np.ndarray, ref: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Fold in one batch: logits [B, S, V] of both runners, windows [B, S]. Returns the
+        reference's top-1 ids [B, S]."""
+        top_ref = np.empty(ids.shape, dtype=np.int64)
+        for b in range(ids.shape[0]):
+            for i in range(0, ids.shape[1], CHUNK_ROWS):
+                g, r = got[b, i : i + CHUNK_ROWS], ref[b, i : i + CHUNK_ROWS]
+                self.abs_err = max(self.abs_err, float(np.abs(g - r).max()))
+                self.ref_max = max(self.ref_max, float(np.abs(r).max()))
+                top_ref[b, i : i + CHUNK_ROWS] = r.argmax(-1)
+                self.top1_hits += int((g.argmax(-1) == top_ref[b, i : i + CHUNK_ROWS]).sum())
+            self.nll += _window_nll(got[b], ids[b])
+            self.nll_ref += _window_nll(ref[b], ids[b])
+        self.positions += ids.size
+        return top_ref
 
 
 def _weights(model: nn.Module) -> list[torch.Tensor]:
@@ -59,64 +108,98 @@ def _weights(model: nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def noise_floor(model: nn.Module, batches: list[np.ndarray], clean: list[np.ndarray] | None = None) -> float:
-    """Top-1 agreement of ``model`` with itself after every weight is nudged by one float32 ulp:
-    a rounding-level perturbation at every layer, the size of the differences between two
-    correct backends. ``clean``: the un-nudged model's top-1 ids per batch, when already known."""
+def noise_floor(model: nn.Module, batches: list[np.ndarray], clean_top1: list[np.ndarray], clean_nll: float,
+                seeds: int = 3) -> list[dict]:
+    """The model's disagreement with itself under rounding-level perturbations: for each seed,
+    every weight nudged by one float32 ulp up or down (a seeded random sign per element; the
+    size of the rounding differences between two correct backends, at every layer), then
+    {"top1": agreement with ``clean_top1`` (the unperturbed model's top-1 ids per batch),
+    "ppl_rel_diff": |perplexity / clean perplexity - 1|} with ``clean_nll`` the unperturbed summed NLL."""
     tensors = _weights(model)
     saved = [t.detach().clone() for t in tensors]
-    run = lambda b: model(torch.from_numpy(b), use_cache=False).logits.numpy().argmax(-1)  # noqa: E731
+    out = []
     try:
         with torch.no_grad():
-            if clean is None:
-                clean = [run(b) for b in batches]
-            for t, s in zip(tensors, saved):
-                t.copy_(torch.nextafter(s, torch.full_like(s, float("inf"))))
-            agree = [(run(b) == c).mean() for b, c in zip(batches, clean)]
+            for seed in range(seeds):
+                gen = torch.Generator().manual_seed(seed)
+                for t, s in zip(tensors, saved):
+                    up = torch.randint(0, 2, s.shape, generator=gen, dtype=torch.bool)
+                    t.copy_(torch.nextafter(s, torch.where(up, float("inf"), float("-inf")).to(s.dtype)))
+                hits = positions = 0
+                nll = 0.0
+                for b, c in zip(batches, clean_top1):
+                    logits = model(torch.from_numpy(b), use_cache=False).logits.float().numpy()
+                    hits += int((logits.argmax(-1) == c).sum())
+                    positions += b.size
+                    nll += sum(_window_nll(lg, w) for lg, w in zip(logits, b))
+                    del logits
+                out.append({"top1": hits / positions, "ppl_rel_diff": abs(math.expm1((nll - clean_nll) / _predicted(batches)))})
     finally:
         with torch.no_grad():
             for t, s in zip(tensors, saved):
                 t.copy_(s)
-    return float(np.mean(agree))
+    return out
+
+
+def _predicted(batches: list[np.ndarray]) -> int:
+    return sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
 
 
 def compare(runner: BaseRunner, reference: BaseRunner, windows: torch.Tensor, floor_model: nn.Module | None = None,
             batch: int = 4, tol: Tolerances = Tolerances()) -> dict:
-    """Run ``runner`` and ``reference`` on ``windows`` [n, seqlen] through Polygraphy's Comparator;
-    returns the report dict (``passed`` says whether the tolerances hold). ``floor_model`` (the
-    CPU PyTorch model) gives the noise floor that relaxes the top-1 requirement."""
+    """Run ``runner`` and ``reference`` on ``windows`` [n, seqlen] through Polygraphy's Comparator,
+    one batch at a time (each batch's logits are reduced to running sums and dropped; batches
+    shrink to one window when a batch's float64 logits would pass 1 GiB); returns the report
+    dict (``passed`` says whether the tolerances hold). ``floor_model`` (the CPU PyTorch model)
+    gives the noise floor that sets the top-1 and perplexity requirements (module docstring)."""
+    vocab = getattr(getattr(floor_model or getattr(reference, "model", None), "config", None), "vocab_size", None)
+    if vocab:
+        batch = max(1, min(batch, 2**30 // (windows.shape[1] * vocab * 8)))
     batches = [b.numpy() for b in windows.split(batch)]
     G_LOGGER.module_severity = G_LOGGER.WARNING
-    results = Comparator.run([runner, reference], data_loader=[{"input_ids": b} for b in batches])
-    got = [r["logits"] for r in results[runner.name]]
-    ref = [r["logits"] for r in results[reference.name]]
-    abs_err = max(float(np.abs(a - b).max()) for a, b in zip(got, ref))
-    rel_err = abs_err / max(float(np.abs(b).max()) for b in ref)
-    top1 = float(np.mean(np.concatenate([(a.argmax(-1) == b.argmax(-1)).ravel() for a, b in zip(got, ref)])))
-    tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
-    ppl = math.exp(sum(_nll(a, b) for a, b in zip(got, batches)) / tokens)
-    ppl_ref = math.exp(sum(_nll(a, b) for a, b in zip(ref, batches)) / tokens)
+    stats, clean_top1 = _Stats(), []
+    for b in batches:
+        results = Comparator.run([runner, reference], data_loader=[{"input_ids": b}])
+        got, ref = results[runner.name][0]["logits"], results[reference.name][0]["logits"]
+        del results
+        clean_top1.append(stats.add(got, ref, b))
+        del got, ref
+    tokens = _predicted(batches)
+    ppl, ppl_ref = math.exp(stats.nll / tokens), math.exp(stats.nll_ref / tokens)
     report = {
         "runner": runner.name,
         "reference": reference.name,
         "windows": int(windows.shape[0]),
         "seqlen": int(windows.shape[1]),
-        "max_abs_logit_error": abs_err,
-        "max_rel_logit_error": rel_err,  # max |error| / max |reference logit|
-        "top1_agreement": top1,
+        "max_abs_logit_error": stats.abs_err,
+        "max_rel_logit_error": stats.abs_err / stats.ref_max,  # max |error| / max |reference logit|
+        "top1_agreement": stats.top1_hits / stats.positions,
         "perplexity": ppl,
         "perplexity_reference": ppl_ref,
         "perplexity_rel_diff": abs(ppl / ppl_ref - 1),
         "tolerances": asdict(tol),
     }
-    need = tol.top1_min
+    need, ppl_need = tol.top1_min, tol.ppl_rel
     if floor_model is not None:
-        # the reference runner's own outputs when it runs floor_model: no second clean pass
-        clean = [r.argmax(-1) for r in ref] if getattr(reference, "model", None) is floor_model else None
-        report["noise_floor_top1"] = noise_floor(floor_model, batches, clean)
+        if getattr(reference, "model", None) is floor_model:  # its outputs are the clean pass
+            clean_nll = stats.nll_ref
+        else:
+            clean_top1, clean_nll = [], 0.0
+            with torch.no_grad():
+                for b in batches:
+                    logits = floor_model(torch.from_numpy(b), use_cache=False).logits.float().numpy()
+                    clean_top1.append(logits.argmax(-1))
+                    clean_nll += sum(_window_nll(lg, w) for lg, w in zip(logits, b))
+                    del logits
+        floor = noise_floor(floor_model, batches, clean_top1, clean_nll, tol.floor_seeds)
+        report["noise_floor"] = floor
+        report["noise_floor_top1"] = min(f["top1"] for f in floor)
+        report["noise_floor_ppl_rel_diff"] = max(f["ppl_rel_diff"] for f in floor)
         need = min(tol.top1_min, report["noise_floor_top1"] - tol.floor_margin)
+        ppl_need = max(tol.ppl_rel, tol.floor_ppl_factor * report["noise_floor_ppl_rel_diff"])
     report["top1_required"] = need
-    report["passed"] = report["perplexity_rel_diff"] <= tol.ppl_rel and top1 >= need
+    report["ppl_rel_diff_allowed"] = ppl_need
+    report["passed"] = report["perplexity_rel_diff"] <= ppl_need and report["top1_agreement"] >= need
     return report
 
 
