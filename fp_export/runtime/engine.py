@@ -298,36 +298,18 @@ class DecodeEngine:
         """Semantics, checks and sampling rule of ``runtime.generate.generate`` (the reference loop;
         the same ``next_tokens``, with a CPU generator seeded by ``seed``); returns int64 [B, n] on
         the CPU, n <= max_new_tokens (rows that produced ``eos_token_id`` repeat it until all have)."""
-        from fp_export.runtime.generate import next_tokens
+        from fp_export.runtime.generate import TokenStream, check_inputs
 
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got shape {tuple(input_ids.shape)}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        limit = getattr(self.cfg, "max_position_embeddings", None)
-        if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
-            raise ValueError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens {max_new_tokens} exceeds the "
-                             f"model's context of {limit} positions")
-        vocab = self.cfg.vocab_size
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
-            raise ValueError(f"token ids must be in [0, {vocab}); got {int(input_ids.min())}..{int(input_ids.max())}")
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        b, t = input_ids.shape
+        check_inputs(self.cfg, input_ids, max_new_tokens)
+        t = input_ids.shape[1]
         logits, bucket = self.prefill(input_ids, max_new_tokens)
-        out = []
-        done = torch.zeros(b, dtype=torch.bool, device=self.dev)
+        stream = TokenStream(input_ids.shape[0], seed, eos_token_id, on_token, self.dev)
         for i in range(max_new_tokens):
-            tok = next_tokens(logits, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
-                done |= tok == eos_token_id
-            out.append(tok)
-            if on_token is not None:
-                on_token(i, tok.cpu())
-            if (eos_token_id is not None and bool(done.all())) or i == max_new_tokens - 1:
+            tok = stream.push(logits, temperature, top_k, top_p)
+            if stream.done or i == max_new_tokens - 1:
                 break
             logits = self.step(tok, t + i, bucket)
-        return torch.stack(out, dim=1).cpu()
+        return stream.tokens()
 
 
 def engine_for(model: nn.Module, kind: str = "w4a8", device: str | torch.device = "cuda") -> DecodeEngine:

@@ -47,33 +47,61 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
     Returns int64 [batch, n] (CPU), n <= ``max_new_tokens``: fewer once every row has produced
     ``eos_token_id`` (rows that finished earlier repeat it). ``on_token(step, tokens [batch])``
     is called after each step, in order."""
+    check_inputs(model.config, input_ids, max_new_tokens)
+    device = next(model.parameters()).device
+    ids, past = input_ids.to(device), None
+    stream = TokenStream(ids.shape[0], seed, eos_token_id, on_token, device)
+    for _ in range(max_new_tokens):
+        res = model(ids, past_key_values=past, use_cache=True)
+        past = res.past_key_values
+        tok = stream.push(res.logits[:, -1], temperature, top_k, top_p)
+        if stream.done:
+            break
+        ids = tok[:, None]
+    return stream.tokens()
+
+
+def check_inputs(config, input_ids: torch.Tensor, max_new_tokens: int) -> None:
+    """Refuse what no model can generate from: a bad shape, no new tokens, a prompt plus
+    ``max_new_tokens`` beyond the context, token ids outside the vocabulary."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got shape {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens {max_new_tokens} exceeds the "
                          f"model's context of {limit} positions")
-    vocab = model.config.vocab_size
+    vocab = config.vocab_size
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
         raise ValueError(f"token ids must be in [0, {vocab}); got {int(input_ids.min())}..{int(input_ids.max())}")
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    ids = input_ids.to(device)
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-    out, past = [], None
-    for step in range(max_new_tokens):
-        res = model(ids, past_key_values=past, use_cache=True)
-        past = res.past_key_values
-        tok = next_tokens(res.logits[:, -1], temperature, top_k, top_p, generator)
-        if eos_token_id is not None:
-            tok = torch.where(finished, torch.full_like(tok, eos_token_id), tok)
-            finished |= tok == eos_token_id
-        out.append(tok)
-        if on_token is not None:
-            on_token(step, tok.cpu())
-        if eos_token_id is not None and bool(finished.all()):
-            break
-        ids = tok[:, None]
-    return torch.stack(out, dim=1).cpu()
+
+
+class TokenStream:
+    """The tokens of one generation: picks each step's tokens from logits (``next_tokens``, a CPU
+    generator seeded by ``seed``), makes rows that produced ``eos_token_id`` repeat it, calls
+    ``on_token(step, tokens [batch])``, and says when every row is done or the budget is spent."""
+
+    def __init__(self, batch: int, seed: int | None, eos_token_id: int | None, on_token: OnToken | None,
+                 device: torch.device | str):
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.eos, self.on_token = eos_token_id, on_token
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.out: list[torch.Tensor] = []
+        self.done = False
+
+    def push(self, logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+        """The next tokens int64 [batch] from last-position logits [batch, vocab]."""
+        tok = next_tokens(logits, temperature, top_k, top_p, self.generator)
+        if self.eos is not None:
+            tok = torch.where(self.finished, torch.full_like(tok, self.eos), tok)
+            self.finished |= tok == self.eos
+            self.done = bool(self.finished.all())
+        self.out.append(tok)
+        if self.on_token is not None:
+            self.on_token(len(self.out) - 1, tok.cpu())
+        return tok
+
+    def tokens(self) -> torch.Tensor:
+        """int64 [batch, steps] on the CPU."""
+        return torch.stack(self.out, dim=1).cpu()
