@@ -11,9 +11,9 @@ Stages, in import order (each imports only those before it): ``numerics``, then 
 """
 
 from fp_export.api import (
-    DEFAULT_MODEL, CalibrationConfig, QuantizedModel, Recipe, build_engine, evaluate, export_onnx, generate, load,
-    load_recipe, quantize, validate,
+    DEFAULT_MODEL, CalibrationConfig, QuantizedModel, Recipe, build_engine, deploy, evaluate, export_onnx, generate,
+    load, load_recipe, quantize, serve, validate,
 )
 
 __all__ = ["DEFAULT_MODEL", "QuantizedModel", "Recipe", "CalibrationConfig", "load_recipe", "load", "quantize",
-           "evaluate", "export_onnx", "validate", "build_engine", "generate"]
+           "evaluate", "export_onnx", "validate", "build_engine", "generate", "deploy", "serve"]

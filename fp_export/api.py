@@ -187,3 +187,25 @@ def generate(qm: QuantizedModel, input_ids: torch.Tensor, max_new_tokens: int, *
     if device not in qm.runtimes:
         qm.runtimes[device] = to_gpu_runtime(copy.deepcopy(qm.model), device=device)
     return run(qm.runtimes[device], ids, max_new_tokens, **kw)
+
+
+def deploy(qm: QuantizedModel | str | Path, repo: str | Path, *, name: str | None = None, backend: str = "python",
+           env: str | Path | None = None, overwrite: bool = False, plugin: str | Path | None = None,
+           max_batch_size: int = 8, device: str = "") -> dict:
+    """A Triton Inference Server model repository for the checkpoint of ``qm`` (a loaded model or
+    its directory): ``python`` (generation ``<name>`` with streaming, and ``<name>_logits``),
+    ``onnxruntime`` or ``tensorrt``. Returns {"repository", "models", "backend", "command"}."""
+    from fp_export.deploy import deploy as write_repository
+
+    src = qm.path if isinstance(qm, QuantizedModel) else Path(qm)
+    return write_repository(src, Path(repo), name, backend, env, overwrite, plugin, max_batch_size, device)
+
+
+def serve(repos: str | Path | list, http_port: int = 8000, grpc_port: int = 8001, host: str = "127.0.0.1",
+          log: str | Path | None = None, timeout: float = 300.0):
+    """Start the bundled ``tritonserver`` on model repositories; returns a ``TritonServer`` (a
+    context manager with ``.stop()``, ``.http_url``, ``.grpc_url``) once it is ready."""
+    from fp_export.deploy import serve as start
+
+    return start(repos, http_port, grpc_port, host, None if log is None else Path(log), timeout=timeout)
+

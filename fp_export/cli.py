@@ -268,11 +268,10 @@ def deploy(
     overwrite: bool = typer.Option(False, help="Replace models of the same name in the repository."),
 ):
     """Write a Triton Inference Server model repository for a checkpoint."""
-    from fp_export.deploy import deploy as deploy_repo
-
     _quiet_transformers()
     with user_errors():
-        res = deploy_repo(model, repo, name, backend, env, overwrite, plugin, max_batch_size, device)
+        res = fx.deploy(model, repo, name=name, backend=backend, env=env, overwrite=overwrite, plugin=plugin,
+                        max_batch_size=max_batch_size, device=device)
     out.print(f"wrote {res['repository']}: models {', '.join(res['models'])} ({res['backend']} backend)")
     out.print(f"serve it with: {res['command']}", highlight=False)
 
@@ -286,15 +285,21 @@ def serve(
     log: Optional[Path] = typer.Option(None, help="Write the server's log to this file (default: the terminal)."),
     timeout: float = typer.Option(300.0, min=1, help="Seconds to wait for the server to be ready."),
 ):
-    """Start the bundled Triton Inference Server on a repository; Ctrl-C stops it."""
-    from fp_export.deploy import ServerUnavailable, serve as start_server
+    """Start the bundled Triton Inference Server on a repository; Ctrl-C (or SIGTERM) stops it."""
+    import signal
+
+    from fp_export.deploy import ServerUnavailable
 
     try:
         with user_errors():
-            server = start_server(repo, http_port, grpc_port, host, log, timeout=timeout)
+            server = fx.serve(repo, http_port, grpc_port, host, log, timeout=timeout)
     except ServerUnavailable as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the server as Ctrl-C does
     try:  # from here on, Ctrl-C (KeyboardInterrupt) stops the server
         out.print(f"tritonserver ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  (Ctrl-C stops it)",
                   soft_wrap=True)
