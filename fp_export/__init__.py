@@ -10,6 +10,11 @@ Stages, in import order (each imports only those before it): ``numerics``, then 
 ``deploy``; this API; the CLI (``cli``).
 """
 
+# Stage packages named like API functions (evaluate, validate, deploy) are imported first: importing
+# a subpackage sets it as an attribute of this package, and it must not replace the function later.
+import fp_export.deploy
+import fp_export.evaluate
+import fp_export.validate  # noqa: F401
 from fp_export.api import (
     DEFAULT_MODEL, CalibrationConfig, QuantizedModel, Recipe, build_engine, deploy, evaluate, export_onnx, generate,
     load, load_recipe, quantize, serve, validate,

@@ -19,6 +19,14 @@ def test_load_both_kinds_of_directory(qm):
     assert plain.manifest is None and plain.recipe is None and plain.metrics == {}
 
 
+def test_api_names_survive_importing_the_stage_packages():
+    import fp_export.deploy.server  # noqa: F401
+    import fp_export.evaluate.perplexity  # noqa: F401
+    import fp_export.validate.compare  # noqa: F401
+
+    assert all(callable(getattr(fx, n)) for n in ("evaluate", "validate", "deploy", "serve", "generate"))
+
+
 def test_quantize_applies_calibration_overrides(tmp_path):
     q = fx.quantize(fx.DEFAULT_MODEL, "w8a8-fp8", out=tmp_path / "q", calibration={"nsamples": 2, "seqlen": 64},
                     evaluate=False)
