@@ -18,6 +18,7 @@ from fp_export.ptq.job import quantize_to_checkpoint
 from conftest import fast_recipe
 
 RECIPE = "w4a8-fp4-m2-lorc"
+TINY_CAL = {"nsamples": 2, "seqlen": 64}
 
 
 def sharded_copy(dst, shards: int = 3):
@@ -40,6 +41,29 @@ def sharded(tmp_path_factory):
     return sharded_copy(tmp_path_factory.mktemp("sharded") / "kjv-sharded")
 
 
+def tiny_recipe(name: str = RECIPE):
+    r = fast_recipe(name)
+    return r.model_copy(update={"calibration": r.calibration.model_copy(update=TINY_CAL)})
+
+
+@pytest.fixture(scope="module")
+def runs(sharded, tmp_path_factory):
+    """``runs(source, onload)`` -> checkpoint of the default model (``single``) or its sharded copy
+    under the tiny calibration, with 2 evaluation windows (cached)."""
+    root = tmp_path_factory.mktemp("runs")
+    cache = {}
+
+    def make(source: str, onload: bool):
+        if (source, onload) not in cache:
+            out = root / f"{source}-{onload}"
+            quantize_to_checkpoint(DEFAULT_MODEL if source == "single" else sharded, tiny_recipe(), out,
+                                   max_eval_windows=2, onload=onload)
+            cache[source, onload] = out
+        return cache[source, onload]
+
+    return make
+
+
 def same_checkpoint(a, b, model_sha_differs=False):
     assert (a / WEIGHTS).read_bytes() == (b / WEIGHTS).read_bytes()
     ma, mb = read_manifest(a), read_manifest(b)
@@ -48,25 +72,19 @@ def same_checkpoint(a, b, model_sha_differs=False):
     assert ma == mb
 
 
-def test_onloaded_cpu_equals_whole_model_bytes(quantized, tmp_path):
-    """The GPU path's code run on the CPU: same checkpoint bytes as the whole-model path, the test
-    perplexity (layer-at-a-time evaluation) included."""
-    r = fast_recipe(RECIPE)
-    quantize_to_checkpoint(DEFAULT_MODEL, r, tmp_path / "whole", max_eval_windows=3)
-    quantize_to_checkpoint(DEFAULT_MODEL, r, tmp_path / "onload", max_eval_windows=3, onload=True)
-    assert (tmp_path / "whole" / "fp_export.json").read_bytes() == (tmp_path / "onload" / "fp_export.json").read_bytes()
-    assert (tmp_path / "onload" / WEIGHTS).read_bytes() == (quantized(RECIPE) / WEIGHTS).read_bytes()
+def test_onloaded_cpu_equals_whole_model_bytes(runs):
+    """The GPU path's code run on the CPU: the whole-model path's bytes, manifest (test perplexity
+    by layer-at-a-time evaluation) included."""
+    for name in (WEIGHTS, "fp_export.json"):
+        assert (runs("single", False) / name).read_bytes() == (runs("single", True) / name).read_bytes(), name
 
 
-def test_sharded_input_gives_the_same_checkpoint(quantized, sharded, tmp_path):
-    r = fast_recipe(RECIPE)
-    quantize_to_checkpoint(sharded, r, tmp_path / "whole", eval_text=None)
-    same_checkpoint(quantized(RECIPE), tmp_path / "whole", model_sha_differs=True)
-    quantize_to_checkpoint(sharded, r, tmp_path / "onload", eval_text=None, onload=True)
-    same_checkpoint(quantized(RECIPE), tmp_path / "onload", model_sha_differs=True)
+@pytest.mark.parametrize("onload", [False, True])
+def test_sharded_input_gives_the_same_checkpoint(runs, onload):
+    same_checkpoint(runs("single", False), runs("sharded", onload), model_sha_differs=True)
 
 
-def test_onloaded_resume_is_byte_identical(quantized, tmp_path):
+def test_onloaded_resume_is_byte_identical(runs, tmp_path):
     out = tmp_path / "resumed"
 
     def dying(kind, i, n):
@@ -74,22 +92,24 @@ def test_onloaded_resume_is_byte_identical(quantized, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        quantize_to_checkpoint(DEFAULT_MODEL, fast_recipe(RECIPE), out, eval_text=None, onload=True, progress=dying)
+        quantize_to_checkpoint(DEFAULT_MODEL, tiny_recipe(), out, max_eval_windows=2, onload=True, progress=dying)
     assert not out.exists()
-    quantize_to_checkpoint(DEFAULT_MODEL, fast_recipe(RECIPE), out, eval_text=None, onload=True, resume=True)
-    same_checkpoint(quantized(RECIPE), out)
+    quantize_to_checkpoint(DEFAULT_MODEL, tiny_recipe(), out, max_eval_windows=2, onload=True, resume=True)
+    same_checkpoint(runs("single", True), out)
 
 
-def test_sharded_output_loads_like_single_file(quantized, tmp_path):
-    r = fast_recipe(RECIPE)
-    quantize_to_checkpoint(DEFAULT_MODEL, r, tmp_path / "s", eval_text=None, max_shard_bytes=8 * 2**20)
+def test_sharded_output_loads_like_single_file(runs, tmp_path):
+    quantize_to_checkpoint(DEFAULT_MODEL, tiny_recipe(), tmp_path / "s", max_eval_windows=2,
+                           max_shard_bytes=2 * 2**20)
     files = sorted(p.name for p in (tmp_path / "s").glob("model*.safetensors"))
-    assert files == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)] and (tmp_path / "s" / INDEX).is_file()
+    n = len(files)
+    assert n >= 3 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert not (tmp_path / "s" / WEIGHTS).exists()
     index = json.loads((tmp_path / "s" / INDEX).read_text())
-    single = load_file(quantized(RECIPE) / WEIGHTS)
+    single = load_file(runs("single", False) / WEIGHTS)
     assert sorted(index["weight_map"]) == sorted(single)
     assert set(read_manifest(tmp_path / "s")["files"]) >= set(files) | {INDEX}
-    a, _, _ = load_checkpoint(quantized(RECIPE))
+    a, _, _ = load_checkpoint(runs("single", False))
     b, _, _ = load_checkpoint(tmp_path / "s")
     ids = torch.arange(64)[None]
     with torch.no_grad():
@@ -138,7 +158,7 @@ def test_out_of_memory_names_layer_and_bytes(tmp_path, monkeypatch):
 
     monkeypatch.setattr("fp_export.ptq.onload._calibrate_and_replace", oom)
     with pytest.raises(DeviceError) as e:
-        quantize_to_checkpoint(DEFAULT_MODEL, fast_recipe(RECIPE), tmp_path / "o", eval_text=None, onload=True)
+        quantize_to_checkpoint(DEFAULT_MODEL, tiny_recipe(), tmp_path / "o", eval_text=None, onload=True)
     msg = str(e.value)
     # the default model's layer: 4 * (512*512*2 + 512*256*2 + 512*1536*3 + 2*512) bytes in float32
     assert "model.layers.0: out of GPU memory" in msg and "fewer calibration samples (--nsamples)" in msg
@@ -154,7 +174,7 @@ def test_nan_weight_in_a_shard_is_named(sharded, tmp_path):
     t[name][3, 7] = float("nan")
     save_file(t, m / index[name], metadata={"format": "pt"})
     with pytest.raises(ModelError, match="model.layers.2.mlp.up_proj.weight has 1 NaN"):
-        quantize_to_checkpoint(m, fast_recipe("w8a8-fp8"), tmp_path / "o", eval_text=None, onload=True)
+        quantize_to_checkpoint(m, tiny_recipe("w8a8-fp8"), tmp_path / "o", eval_text=None, onload=True)
 
 
 def test_plain_log_lines_when_stderr_is_not_a_terminal(tmp_path):
