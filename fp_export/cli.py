@@ -83,7 +83,9 @@ def log_lines():
     t0 = time.time()
 
     def update(name: str, done: int, total: int) -> None:
-        if name != "layers" or done == total:  # layers: the logger's per-layer line says it
+        # layers: the logger's per-layer line says each; other tasks: about every tenth step
+        step = total if name == "layers" else max(1, total // 10)
+        if done == total or (done and done % step == 0):
             print(f"fp-export: {name} {done}/{total} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
 
     try:
