@@ -166,6 +166,8 @@ def write_report(out: Path, shape_name: str, report: dict) -> None:
     if r:
         md += ["| stage | seconds |", "|---|---|"]
         md += [f"| {k} | {v:.1f} |" for k, v in r["stages_s"].items()]
+        md.append(f"| other (model sha256 fingerprint, tokenizing, resume-state writes) | "
+                  f"{r['total_s'] - sum(r['stages_s'].values()):.1f} |")
         md += [f"| **total (job)** | **{r['total_s']:.1f}** |", "",
                f"- per layer: median {statistics.median(r['layer_s']):.2f} s (min {min(r['layer_s']):.2f}, max "
                f"{max(r['layer_s']):.2f}) over {len(r['layer_s'])} layers",

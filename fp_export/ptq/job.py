@@ -47,6 +47,7 @@ def quantize_to_checkpoint(
     if onload is None:
         onload = dev.type != "cpu"
     if dev.type == "cuda":
+        torch.zeros(1, device=dev)  # initializes CUDA and its allocator, which the reset needs
         torch.cuda.reset_peak_memory_stats(dev)
     with cpu_threads(), deterministic(dev):
         if onload:
