@@ -17,7 +17,7 @@ import onnx
 import torch
 from torch import nn
 
-from fp_export.checkpoint.layout import MANIFEST, WEIGHTS, load_checkpoint
+from fp_export.checkpoint.layout import INDEX, MANIFEST, WEIGHTS, load_checkpoint
 from fp_export.data.corpus import load_text
 from fp_export.evaluate.perplexity import eval_windows, model_seqlen, perplexity, tokenize
 from fp_export.export.onnx import export_model
@@ -64,17 +64,19 @@ def load(path: str | Path) -> QuantizedModel:
 def quantize(model: str | Path, recipe: Recipe | str, *, out: str | Path,
              calibration: CalibrationConfig | dict | None = None, resume: bool = False,
              overwrite: bool = False, evaluate: bool = True, max_eval_windows: int | None = None,
-             progress: Progress | None = None) -> QuantizedModel:
+             progress: Progress | None = None, device: str = "cpu") -> QuantizedModel:
     """Quantize the Hugging Face model directory ``model`` by ``recipe`` (object, bundled name or
     YAML path) into the checkpoint ``out``; ``calibration`` overrides fields of the recipe's
-    calibration section. Test perplexity is recorded in the manifest when ``evaluate``."""
+    calibration section. Test perplexity is recorded in the manifest when ``evaluate``.
+    ``device``: ``cpu`` (the whole model in float32), ``cuda`` (read lazily and quantized one decoder
+    layer at a time on the GPU) or ``auto`` (the GPU when there is one)."""
     r = load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe
     if calibration is not None:
         fields = calibration.model_dump() if isinstance(calibration, CalibrationConfig) else dict(calibration)
         r = Recipe.model_validate({**r.model_dump(), "calibration": {**r.calibration.model_dump(), **fields}})
     quantize_to_checkpoint(Path(model), r, Path(out), resume=resume, overwrite=overwrite,
                            eval_text="test" if evaluate else None, max_eval_windows=max_eval_windows,
-                           progress=progress)
+                           progress=progress, device=device)
     return load(out)
 
 
@@ -93,7 +95,7 @@ def export_onnx(qm: QuantizedModel, out: str | Path | None = None, reference: bo
     meta = {}
     if qm.manifest is not None:
         meta = {"fp_export.recipe": qm.manifest["recipe"]["name"],
-                "fp_export.checkpoint_sha256": qm.manifest["files"][WEIGHTS],
+                "fp_export.checkpoint_sha256": qm.manifest["files"].get(WEIGHTS) or qm.manifest["files"][INDEX],
                 "fp_export.reference": int(reference)}
     return export_model(qm.model, None if out is None else Path(out), reference, meta)
 

@@ -29,10 +29,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fp_export.build.engine import BuildUnavailable
     from fp_export.checkpoint.layout import CheckpointError
     from fp_export.hf.loading import ModelError
+    from fp_export.ptq.device import DeviceError
     from fp_export.quant.recipe import RecipeError
 
-    return (BuildUnavailable, CheckpointError, ModelError, RecipeError, FileNotFoundError, FileExistsError,
-            ValueError)
+    return (BuildUnavailable, CheckpointError, ModelError, RecipeError, DeviceError, FileNotFoundError,
+            FileExistsError, ValueError)
 
 
 @contextmanager
@@ -47,7 +48,13 @@ def user_errors():
 
 @contextmanager
 def progress_bars(enabled: bool = True):
-    """A rich progress display and a ``(task, done, total)`` callback that drives it."""
+    """A rich progress display and a ``(task, done, total)`` callback that drives it. When stderr
+    is not a terminal (CI, services) rich shows nothing live: plain log lines go to stderr instead,
+    one per step, with the ``fp_export`` logger's INFO lines (per-layer times) alongside."""
+    if enabled and not err.is_terminal:
+        with log_lines() as update:
+            yield update
+        return
     prog = Progress(TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=err, disable=not enabled, transient=False)
     tasks: dict[str, int] = {}
@@ -59,6 +66,34 @@ def progress_bars(enabled: bool = True):
 
     with prog:
         yield update
+
+
+@contextmanager
+def log_lines():
+    """``(task, done, total)`` callback printing "fp-export: <task> <done>/<total> (<s> s)" lines to
+    stderr, and the ``fp_export`` logger at INFO on stderr, for the duration."""
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fp-export: %(message)s"))
+    logger = logging.getLogger("fp_export")
+    saved = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    t0 = time.time()
+
+    def update(name: str, done: int, total: int) -> None:
+        # layers: the logger's per-layer line says each; other tasks: about every tenth step
+        step = total if name == "layers" else max(1, total // 10)
+        if done == total or (done and done % step == 0):
+            print(f"fp-export: {name} {done}/{total} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
+
+    try:
+        yield update
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
 
 
 def _quiet_transformers() -> None:
@@ -79,6 +114,8 @@ def quantize(
     seqlen: Optional[int] = typer.Option(None, min=8, help="Override calibration.seqlen."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Measure test perplexity and record it."),
     max_eval_windows: Optional[int] = typer.Option(None, min=1, help="Limit evaluation windows."),
+    device: str = typer.Option("cpu", help="cpu (whole model in float32); cuda (lazy loading, one decoder layer "
+                                            "at a time on the GPU); auto (cuda when there is a GPU)."),
 ):
     """Quantize a causal LM by a recipe into an fp-export checkpoint."""
     _quiet_transformers()
@@ -86,11 +123,16 @@ def quantize(
     t0 = time.time()
     with user_errors(), progress_bars() as bar:
         qm = fx.quantize(model, recipe, out=out_dir, calibration=cal or None, resume=resume, overwrite=overwrite,
-                         evaluate=evaluate, max_eval_windows=max_eval_windows, progress=bar)
-    _print_summary(qm.manifest, out_dir, time.time() - t0)
+                         evaluate=evaluate, max_eval_windows=max_eval_windows, progress=bar, device=device)
+    peak = None
+    if (qm.manifest.get("device") or {}).get("type") == "cuda":
+        import torch
+
+        peak = torch.cuda.max_memory_allocated()
+    _print_summary(qm.manifest, out_dir, time.time() - t0, peak)
 
 
-def _print_summary(manifest: dict, out_dir: Path, seconds: float) -> None:
+def _print_summary(manifest: dict, out_dir: Path, seconds: float, peak_gpu: int | None = None) -> None:
     r = manifest["recipe"]
     w, a, lorc = r.get("weights"), r.get("activations"), r.get("lorc")
     table = Table(title=f"fp-export quantize: {r['name']}")
@@ -110,6 +152,8 @@ def _print_summary(manifest: dict, out_dir: Path, seconds: float) -> None:
     size = sum(f.stat().st_size for f in Path(out_dir).iterdir())
     table.add_row("checkpoint", f"{out_dir} ({size / 2**20:.1f} MiB)")
     table.add_row("time", f"{seconds:.1f} s")
+    if peak_gpu is not None:
+        table.add_row("device", f"{manifest['device']['name']}, peak GPU memory {peak_gpu / 2**30:.2f} GiB")
     out.print(table)
 
 

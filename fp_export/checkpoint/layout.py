@@ -1,7 +1,8 @@
 """The quantized checkpoint: a directory written atomically and verified on load.
 
 Layout (see README "Checkpoint format"): the source model's config and tokenizer files,
-``model.safetensors`` (non-quantized weights in their original dtype under their Hugging Face
+``model.safetensors`` (or, past ``MAX_SHARD_BYTES``, shards ``model-0000X-of-0000Y.safetensors``
+named by ``model.safetensors.index.json``, as Hugging Face writes them) (non-quantized weights in their original dtype under their Hugging Face
 names, plus ``<linear>.qweight`` / ``.scale`` / ``.scale_exp`` / ``.row_scale`` / ``.lorc_u`` ...
 for each quantized linear) and ``fp_export.json`` (format version, recipe, per-layer specs,
 calibration digest, sha256 of every file, metrics).
@@ -29,6 +30,8 @@ FORMAT_NAME = "fp-export"
 FORMAT_VERSION = 1
 MANIFEST = "fp_export.json"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 5 * 2**30  # a checkpoint's tensors beyond this are written as shards
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
           "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
           "chat_template.jinja")
@@ -57,7 +60,7 @@ def model_digest(model_dir: Path) -> str:
 
 def linear_tensors(qlayers: dict[str, QuantLinear]) -> dict[str, torch.Tensor]:
     """``<linear>.<suffix>`` tensors of quantized linears by qualified name (README table)."""
-    return {f"{name}.{k}": v.contiguous() for name, m in qlayers.items() for k, v in m.tensors().items()}
+    return {f"{name}.{k}": v.contiguous().cpu() for name, m in qlayers.items() for k, v in m.tensors().items()}
 
 
 def linear_specs(qlayers: dict[str, QuantLinear]) -> dict[str, dict]:
@@ -86,6 +89,67 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, path)
+
+
+def shard_names(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """Tensor names per shard: in sorted name order, a new shard when the next tensor would take the
+    current one past ``max_bytes`` (a larger tensor gets a shard of its own). One list when the
+    total fits."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in sorted(tensors):
+        n = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def save_weights(directory: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                 max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """The checkpoint's tensors into ``directory``: ``model.safetensors`` when they fit in
+    ``max_shard_bytes``, else ``model-0000X-of-0000Y.safetensors`` shards and
+    ``model.safetensors.index.json`` ({"metadata": {"total_size"}, "weight_map": name -> shard}).
+    Returns the file names written."""
+    groups = shard_names(tensors, max_shard_bytes)
+    if len(groups) == 1:
+        save_tensors(directory / WEIGHTS, tensors, metadata)
+        return [WEIGHTS]
+    weight_map, files = {}, []
+    for i, names in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_tensors(directory / fname, {k: tensors[k] for k in names}, metadata)
+        weight_map.update(dict.fromkeys(names, fname))
+        files.append(fname)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    tmp = directory / f".{INDEX}.tmp"
+    tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, directory / INDEX)
+    return files + [INDEX]
+
+
+def load_weights(qdir: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """Every tensor of a checkpoint, single file or sharded, and the file to name in errors."""
+    index = qdir / INDEX
+    if not index.is_file():
+        return load_file(qdir / WEIGHTS), qdir / WEIGHTS
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for fname in sorted(set(weight_map.values())):
+        if not (qdir / fname).is_file():
+            raise CheckpointError(f"{qdir / fname}: shard named in {INDEX} is missing")
+        shard = load_file(qdir / fname)
+        tensors.update({k: v for k, v in shard.items() if weight_map.get(k) == fname})
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{index}: tensor {missing[0]} is not in its shard {weight_map[missing[0]]}")
+    return tensors, index
 
 
 def checkpoint_tensors(
@@ -118,8 +182,12 @@ def write_checkpoint(
     qlayers: dict[str, QuantLinear],
     extra: dict,
     overwrite: bool = False,
+    specs: dict[str, dict] | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
-    """Write the checkpoint into a temporary sibling of ``out`` and rename it into place."""
+    """Write the checkpoint into a temporary sibling of ``out`` and rename it into place. The
+    manifest's ``layers`` come from ``qlayers``, or from ``specs`` (``linear_specs`` output) when
+    given; tensors beyond ``max_shard_bytes`` are sharded (``save_weights``)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} exists; pass --overwrite to replace it")
@@ -131,14 +199,14 @@ def write_checkpoint(
             if (source_dir / name).is_file():
                 shutil.copyfile(source_dir / name, tmp / name)
         # one metadata key: safetensors writes several in hash order, which would break byte identity
-        save_tensors(tmp / WEIGHTS, tensors, {"format": f"{FORMAT_NAME}/{FORMAT_VERSION}"})
+        save_weights(tmp, tensors, {"format": f"{FORMAT_NAME}/{FORMAT_VERSION}"}, max_shard_bytes)
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "recipe": recipe.model_dump(),
             "recipe_sha256": recipe.digest(),
-            "layers": linear_specs(qlayers),
+            "layers": dict(sorted(specs.items())) if specs is not None else linear_specs(qlayers),
             **extra,
             "files": files,
         }
@@ -188,14 +256,14 @@ def load_checkpoint(qdir: str | Path, verify: bool = True):
     config = AutoConfig.from_pretrained(qdir, local_files_only=True)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
-    tensors = load_file(qdir / WEIGHTS)
-    for qname, m in linears_from_tensors(tensors, manifest["layers"], qdir / WEIGHTS).items():
+    tensors, wfile = load_weights(qdir)
+    for qname, m in linears_from_tensors(tensors, manifest["layers"], wfile).items():
         set_module(model, qname, m)
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if missing or unexpected:
-        raise CheckpointError(f"{qdir / WEIGHTS}: missing {missing[:5]} unexpected {unexpected[:5]}")
+        raise CheckpointError(f"{wfile}: missing {missing[:5]} unexpected {unexpected[:5]}")
     tokenizer = AutoTokenizer.from_pretrained(qdir, local_files_only=True)
     return model, tokenizer, manifest

@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -56,11 +57,12 @@ class ResumeState:
         tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "layers_done": index + 1}))
         os.replace(tmp, self.dir / PROGRESS)
 
-    def load_layer(self, index: int) -> dict[str, QuantLinear]:
+    def load_layer(self, index: int, device: str | torch.device = "cpu") -> dict[str, QuantLinear]:
+        """Layer ``index``'s quantized linears (by name inside the layer), built on ``device``."""
         path = self._path(index)
         with safe_open(path, "pt") as f:
             specs = json.loads(f.metadata()["specs"])
-        return linears_from_tensors(load_file(path), specs, path)
+        return linears_from_tensors(load_file(path, device=str(device)), specs, path)
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -132,7 +132,13 @@ def decode(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
         raise TypeError(f"codes must be uint8, got {codes.dtype}")
     if fmt.bits < 8 and (codes >> fmt.bits).any():
         raise ValueError(f"{fmt.name} codes must be < {1 << fmt.bits}")
-    return decode_table(fmt)[codes.long()]
+    return _table_on(fmt, codes.device)[codes.long()]
+
+
+@lru_cache(maxsize=None)
+def _table_on(fmt: Format, device: torch.device) -> torch.Tensor:
+    """``decode_table(fmt)`` on ``device`` (copied once per device)."""
+    return decode_table(fmt).to(device)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

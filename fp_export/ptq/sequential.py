@@ -9,6 +9,8 @@ resumes there and ends bit-identical to an uninterrupted one (``checkpoint.resum
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Callable
 
 import torch
@@ -27,21 +29,35 @@ from fp_export.quant.recipe import Recipe, WeightConfig
 from fp_export.quant.weights import QuantizedWeight
 
 Progress = Callable[[str, int, int], None]
+log = logging.getLogger("fp_export")
 
 
 class _StopForward(Exception):
     pass
 
 
-def capture_layer_inputs(model: nn.Module, calib: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
-    """Hidden states entering decoder layer 0 for each calibration row of ``calib`` [n, seqlen],
-    and the keyword arguments the model passes to its layers (masks, rotary embeddings)."""
+class Store:
+    """Where a layer's calibration hidden states wait between layers: ``put`` stores one [1, seq,
+    hidden] tensor, ``get`` returns it on the compute device. This one keeps them where they are."""
+
+    def put(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def get(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def capture_layer_inputs(model: nn.Module, calib: torch.Tensor, store: Store = Store()
+                         ) -> tuple[list[torch.Tensor], dict]:
+    """Hidden states entering decoder layer 0 for each calibration row of ``calib`` [n, seqlen]
+    (each passed through ``store.put``), and the keyword arguments the model passes to its layers
+    (masks, rotary embeddings)."""
     first = decoder_layers(model)[0]
     inputs: list[torch.Tensor] = []
     kwargs: dict = {}
 
     def hook(_module, args, kw):
-        inputs.append(args[0] if args else kw["hidden_states"])
+        inputs.append(store.put(args[0] if args else kw["hidden_states"]))
         kwargs.clear()
         kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
         raise _StopForward
@@ -59,10 +75,14 @@ def capture_layer_inputs(model: nn.Module, calib: torch.Tensor) -> tuple[list[to
     return inputs, kwargs
 
 
-def _run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+def _run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, store: Store = Store()
+               ) -> list[torch.Tensor]:
     with torch.no_grad():
-        outs = [layer(x, **kwargs) for x in inputs]
-    return [o[0] if isinstance(o, tuple) else o for o in outs]
+        return [store.put(_hidden(layer(store.get(x), **kwargs))) for x in inputs]
+
+
+def _hidden(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _needs_hessian(recipe: Recipe) -> bool:
@@ -112,7 +132,8 @@ def quantize_linear(
     if ac is not None:
         act = ActivationQuantizer(ac.format, ac.granularity)
         if ac.granularity == "tensor":
-            input_scale = absmax_scale(torch.tensor(input_amax, dtype=torch.float32), get_format(ac.format).max)
+            input_scale = absmax_scale(torch.tensor(input_amax, dtype=torch.float32, device=w.device),
+                                       get_format(ac.format).max)
     return QuantLinear(qw, bias, act, input_scale, lorc)
 
 
@@ -140,6 +161,7 @@ def quantize_model(
     for i, layer in enumerate(layers):
         if progress:
             progress("layers", i, len(layers))
+        t0 = time.perf_counter()
         if i < done:
             for name, m in state.load_layer(i).items():
                 set_module(layer, name, m)
@@ -148,6 +170,7 @@ def quantize_model(
             if state is not None:
                 state.save_layer(i, linears_q(layer))
         inputs = _run_layer(layer, inputs, kwargs)
+        log_layer(f"{prefix}.{i}", i, len(layers), time.perf_counter() - t0, i < done)
     if progress:
         progress("layers", len(layers), len(layers))
     return {
@@ -155,7 +178,19 @@ def quantize_model(
     }
 
 
-def _calibrate_and_replace(layer: nn.Module, recipe: Recipe, inputs: list, kwargs: dict, where: str) -> None:
+def log_layer(where: str, i: int, n: int, seconds: float, resumed: bool, device: torch.device | None = None
+              ) -> None:
+    """One INFO line per decoder layer on the ``fp_export`` logger (the CLI shows them when stderr is
+    not a terminal): its time, and on a GPU the peak memory so far."""
+    peak = ""
+    if device is not None and device.type == "cuda":
+        peak = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    log.info("layer %d/%d %s %s in %.2f s%s", i + 1, n, where,
+             "loaded from resume state" if resumed else "quantized", seconds, peak)
+
+
+def _calibrate_and_replace(layer: nn.Module, recipe: Recipe, inputs: list, kwargs: dict, where: str,
+                           store: Store = Store()) -> None:
     """Collect each linear's Hessian and input absmax over the calibration inputs, then replace it.
     Linears fed the same tensor (q/k/v, gate/up) share one Hessian and one absmax."""
     targets = linears(layer)
@@ -176,14 +211,16 @@ def _calibrate_and_replace(layer: nn.Module, recipe: Recipe, inputs: list, kwarg
             if first != name:
                 return
             if need_h:
-                accs.setdefault(name, HessianAccumulator(x.shape[-1])).add(x.detach().float())
+                accs.setdefault(name, HessianAccumulator(x.shape[-1], x.device)).add(x.detach().float())
             amax[name] = max(amax[name], float(x.detach().abs().max()))
         return hook
 
     handles = [layer.register_forward_pre_hook(reset)]
     handles += [m.register_forward_hook(make_hook(n)) for n, m in targets.items()]
     try:
-        _run_layer(layer, inputs, kwargs)
+        with torch.no_grad():
+            for x in inputs:
+                layer(store.get(x), **kwargs)
     finally:
         for h in handles:
             h.remove()

@@ -12,6 +12,7 @@ they are fixed up front from the unquantized weight ("static groups").
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 
@@ -20,6 +21,11 @@ from fp_export.quant.weights import QuantizedWeight
 
 log = logging.getLogger("fp_export")
 MAX_DAMP_RETRIES = 3
+# torch threads for the per-column loop on the CPU (None: torch's setting). Its ops are tiny
+# ([out, 1] columns, K=1 outer products, exact max reductions), so the thread count cannot change
+# their results, only their cost: extra OpenMP threads there are pure overhead, 13x slower on a
+# busy 2-core machine (benchmarks/cpu_threads.md).
+COLUMN_THREADS: int | None = 1
 
 
 class HessianAccumulator:
@@ -44,10 +50,12 @@ class HessianAccumulator:
 def inverse_cholesky(H: torch.Tensor, damp: float, name: str = "") -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, float32. Retries with tenfold
     damping while H is not positive definite; raises after ``MAX_DAMP_RETRIES``."""
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     mean_diag = torch.mean(torch.diag(H))
     for attempt in range(MAX_DAMP_RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        damped = H.clone()  # H + damp * mean * I without an [in, in] identity (GPU memory)
+        damped.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
         if attempt < MAX_DAMP_RETRIES:
@@ -83,18 +91,37 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer, dam
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            orig = order[col]
-            g = quantizer.group_of(orig)
-            if not static and orig == g * quantizer.group_size:
-                width = quantizer.columns_of(g)
-                inside = min(width, W1.shape[1] - i)
-                quantizer.fit_group(g, torch.cat([W1[:, i : i + inside], W[:, col + inside : col + width]], dim=1))
-            c, q = quantizer.quantize(W1[:, i : i + 1], g)
-            codes[:, orig] = c[:, 0]
-            err = (W1[:, i] - q[:, 0]) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
-            Err1[:, i] = err
+        with _column_threads(W.device):
+            _quantize_block(W, W1, Err1, Hinv1, codes, quantizer, order, static, i1, i2)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return quantizer.result(codes)
+
+
+@contextmanager
+def _column_threads(device: torch.device):
+    saved = torch.get_num_threads()
+    change = device.type == "cpu" and COLUMN_THREADS is not None and COLUMN_THREADS != saved
+    if change:
+        torch.set_num_threads(COLUMN_THREADS)
+    try:
+        yield
+    finally:
+        if change:
+            torch.set_num_threads(saved)
+
+
+def _quantize_block(W, W1, Err1, Hinv1, codes, quantizer, order, static, i1, i2) -> None:
+    """Columns i1..i2 of GPTQ one at a time, in place: codes, W1 (updated block), Err1 (errors)."""
+    for i in range(i2 - i1):
+        col = i1 + i
+        orig = order[col]
+        g = quantizer.group_of(orig)
+        if not static and orig == g * quantizer.group_size:
+            width = quantizer.columns_of(g)
+            inside = min(width, W1.shape[1] - i)
+            quantizer.fit_group(g, torch.cat([W1[:, i : i + inside], W[:, col + inside : col + width]], dim=1))
+        c, q = quantizer.quantize(W1[:, i : i + 1], g)
+        codes[:, orig] = c[:, 0]
+        err = (W1[:, i] - q[:, 0]) / Hinv1[i, i]
+        W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
+        Err1[:, i] = err

@@ -1,0 +1,59 @@
+"""GPU quantization (issue 9), skipped without CUDA: two GPU runs give the same bytes, a killed GPU
+run resumes to the same bytes, and GPU vs CPU results differ only in the last bits (test
+perplexity within 1%; both, and the fraction of differing weight-code bytes, printed). The CPU reference of this code path is tests/test_onload.py."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fp_export.checkpoint.layout import WEIGHTS, read_manifest
+from fp_export.hf.loading import DEFAULT_MODEL
+from fp_export.ptq.job import quantize_to_checkpoint
+
+from conftest import fast_recipe
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+RECIPE = "w4a8-fp4-m2-lorc"
+
+
+@pytest.fixture(scope="module")
+def gpu_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu") / "q"
+    quantize_to_checkpoint(DEFAULT_MODEL, fast_recipe(RECIPE), out, max_eval_windows=8, device="cuda")
+    return out
+
+
+def test_two_gpu_runs_are_byte_identical(gpu_ckpt, tmp_path):
+    quantize_to_checkpoint(DEFAULT_MODEL, fast_recipe(RECIPE), tmp_path / "again", max_eval_windows=8, device="cuda")
+    for name in (WEIGHTS, "fp_export.json"):
+        assert (gpu_ckpt / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+    assert read_manifest(gpu_ckpt)["device"]["type"] == "cuda"
+
+
+def test_killed_gpu_run_resumes_to_identical_bytes(gpu_ckpt, tmp_path):
+    out = tmp_path / "resumed"
+
+    def dying(kind, i, n):
+        if kind == "layers" and i == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_to_checkpoint(DEFAULT_MODEL, fast_recipe(RECIPE), out, max_eval_windows=8, device="cuda",
+                               progress=dying)
+    assert not out.exists()
+    quantize_to_checkpoint(DEFAULT_MODEL, fast_recipe(RECIPE), out, max_eval_windows=8, device="cuda", resume=True)
+    assert (out / WEIGHTS).read_bytes() == (gpu_ckpt / WEIGHTS).read_bytes()
+    assert (out / "fp_export.json").read_bytes() == (gpu_ckpt / "fp_export.json").read_bytes()
+
+
+def test_gpu_vs_cpu_last_bits(gpu_ckpt, tmp_path):
+    quantize_to_checkpoint(DEFAULT_MODEL, fast_recipe(RECIPE), tmp_path / "cpu", max_eval_windows=8)
+    g, c = read_manifest(gpu_ckpt), read_manifest(tmp_path / "cpu")
+    pg, pc = g["metrics"]["perplexity"], c["metrics"]["perplexity"]
+    tg, tc = load_file(gpu_ckpt / WEIGHTS), load_file(tmp_path / "cpu" / WEIGHTS)
+    codes = [k for k in tc if k.endswith(".qweight")]
+    differ = sum(int((tg[k] != tc[k]).sum()) for k in codes) / sum(tc[k].numel() for k in codes)
+    print(json.dumps({"perplexity_gpu": pg, "perplexity_cpu": pc, "qweight_bytes_differing": differ}))
+    assert abs(pg - pc) / pc < 0.01
