@@ -13,7 +13,7 @@ from fp_export.numerics import fp4_to_fp8 as op
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "fp_export"
 # each stage may import itself and the stages of a lower rank only
-RANK = {"numerics": 0, "data": 1, "hf": 1, "quant": 1, "checkpoint": 2, "evaluate": 2, "ptq": 3, "export": 4,
+RANK = {"files": 0, "numerics": 0, "data": 1, "hf": 1, "quant": 1, "checkpoint": 2, "evaluate": 2, "ptq": 3, "export": 4,
         "runtime": 5, "build": 6, "validate": 7, "deploy": 8, "api": 9, "": 9, "cli": 10}
 
 

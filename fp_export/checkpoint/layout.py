@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fp_export.files import atomic_directory, sha256_file
 from fp_export.hf.families import set_module
 from fp_export.quant.qlinear import LayerSpec, QuantLinear
 from fp_export.quant.recipe import Recipe, recipe_from_dict
@@ -39,14 +39,6 @@ COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be trusted or read; the message names the file."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_digest(model_dir: Path) -> str:
@@ -191,10 +183,7 @@ def write_checkpoint(
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        tmp.chmod(0o755)
+    with atomic_directory(out) as tmp:
         for name in COPIED:
             if (source_dir / name).is_file():
                 shutil.copyfile(source_dir / name, tmp / name)
@@ -211,12 +200,6 @@ def write_checkpoint(
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

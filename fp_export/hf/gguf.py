@@ -21,14 +21,13 @@ and read-only locations (a file inside site-packages) work.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from fp_export.files import atomic_directory, sha256_file
 
 MAGIC = b"GGUF"
 SIDECAR = "fp_export_gguf.json"
@@ -42,14 +41,6 @@ DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "f
 class GGUFError(ValueError):
     """A GGUF file that cannot be converted; the message names the file and the field (a
     ValueError, as ``hf.loading.ModelError``: the CLI exits 2 with it)."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def gguf_info(path: str | Path) -> dict:
@@ -126,23 +117,14 @@ def convert_gguf(path: str | Path, out: str | Path, dtype: str = "auto", overwri
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise GGUFError(f"{src}: tensor {name} has {int((~torch.isfinite(t)).sum())} NaN/Inf values")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         sidecar = {"source": src.name, "bytes": src.stat().st_size, "sha256": sha256_file(src),
                    **info, "dtype": str(torch_dtype).removeprefix("torch.")}
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
-        tmp.chmod(0o755)
         for f in tmp.iterdir():
             f.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
