@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper_table import device_name  # noqa: E402
+from paper_table import device_name, write_atomic  # noqa: E402
 
 from fp_export.data.corpus import calibration_batch, load_text  # noqa: E402
 from fp_export.evaluate.perplexity import model_seqlen, perplexity, tokenize  # noqa: E402
@@ -139,7 +139,7 @@ def main() -> None:
     calib = calibration_batch(tokenize(tok, load_text("train")), args.nsamples, seqlen, 0)
     del model
     report = {
-        "model": name, "device": device_name() if args.device == "cpu" else torch.cuda.get_device_name(),
+        "model": name, "device": device_name(args.device),
         "versions": {p: version(p) for p in ("nvidia-modelopt", "torch", "transformers")},
         "calibration": {"source": "train", "nsamples": args.nsamples, "seqlen": seqlen, "seed": 0,
                         "tokens_sha256": tokens_sha256(calib)},
@@ -158,8 +158,8 @@ def main() -> None:
         report["rows"].append(run_config(model_dir, key, calib, args.max_windows, args.device))
         print(json.dumps(report["rows"][-1]), flush=True)
         # rewritten after every configuration so a long run leaves its finished rows
-        (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / f"{stem}.md").write_text(markdown(report, ours))
+        write_atomic(args.out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
+        write_atomic(args.out / f"{stem}.md", markdown(report, ours))
     print(markdown(report, ours))
 
 
