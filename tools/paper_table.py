@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -73,18 +74,15 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         raise
 
 
-def run(model: Path, recipes: list[str], nsamples: int | None, max_windows: int | None,
-        device: str = "cpu") -> list[dict]:
-    """One row per recipe (bundled name or YAML path), quantized and evaluated on ``device``."""
-    loaded = [load_recipe(name) for name in recipes]  # every recipe checked before the first long job
-    dup = sorted({r.name for r in loaded if [x.name for x in loaded].count(r.name) > 1})
-    if dup:
-        raise SystemExit(f"recipes named more than once: {', '.join(dup)}")
+def run(model: Path, recipes: list, nsamples: int | None, max_windows: int | None,
+        device: str = "cpu", on_row=None) -> list[dict]:
+    """One row per recipe (``Recipe``), quantized and evaluated on ``device``; ``on_row(rows)`` is
+    called after each row (the tables are rewritten then, so a run stopped early keeps its rows)."""
     machine = device_name(device)
     rows = []
     with Progress(console=Console(stderr=True)) as prog, tempfile.TemporaryDirectory() as tmp:
         task = prog.add_task("recipes", total=len(recipes))
-        for r in loaded:
+        for r in recipes:
             n = (nsamples or r.calibration.nsamples) if uses_calibration(r) else 1
             r = r.model_copy(update={"calibration": r.calibration.model_copy(update={"nsamples": n})})
             t0, c0 = time.time(), time.process_time()
@@ -95,6 +93,9 @@ def run(model: Path, recipes: list[str], nsamples: int | None, max_windows: int 
                          "calibration_tokens_sha256": cal["tokens_sha256"], "recipe_sha256": r.digest(),
                          "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1),
                          "load_average_1min": round(os.getloadavg()[0], 2), "device": machine})
+            shutil.rmtree(Path(tmp) / r.name)
+            if on_row:
+                on_row(rows)
             prog.advance(task)
     return rows
 
@@ -177,23 +178,41 @@ def main() -> None:
                          "are listed under the table")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of an existing <name>.json, replacing those of the recipes run now")
+    ap.add_argument("--skip-existing", action="store_true",
+                    help="implies --append; recipes that already have a row in <name>.json made on this machine "
+                         "are not run again (a run split over several sessions)")
     args = ap.parse_args()
     names = args.recipes or [n for n in ORDER if n in bundled_recipes()] + [
         n for n in bundled_recipes() if n not in ORDER]
+    recipes = [load_recipe(n) for n in names]  # every recipe checked before the first long job
+    dup = sorted({r.name for r in recipes if [x.name for x in recipes].count(r.name) > 1})
+    if dup:
+        raise SystemExit(f"recipes named more than once: {', '.join(dup)}")
     cross = json.loads(args.cross_check.read_text()) if args.cross_check else None
-    rows = run(args.model, names, args.nsamples, args.max_windows, args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
     model_name = args.model.stem if args.model.suffix == ".gguf" else args.model.name
     stem = args.name or ("paper_table" if args.model.resolve() == DEFAULT_MODEL else f"paper_table_{model_name}")
-    if args.append and (args.out / f"{stem}.json").is_file():
+    old = json.loads((args.out / f"{stem}.json").read_text()) if (args.append or args.skip_existing) and (
+        args.out / f"{stem}.json").is_file() else []
+    if args.skip_existing:
+        machine = device_name(args.device)
+        done = {r["recipe"] for r in old if r["device"] == machine}
+        recipes = [r for r in recipes if r.name not in done]
+        print(f"skipping {len(done)} recipe(s) with rows on {machine}; {len(recipes)} to run", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    order = {n: i for i, n in enumerate(dict.fromkeys(ORDER + [r.name for r in recipes]))}
+
+    def write(rows: list[dict]) -> list[dict]:
         new = {r["recipe"] for r in rows}
-        rows += [r for r in json.loads((args.out / f"{stem}.json").read_text()) if r["recipe"] not in new]
-        rank = {n: i for i, n in enumerate(ORDER)}
-        rows.sort(key=lambda r: rank.get(r["recipe"], len(ORDER)))
-    write_atomic(args.out / f"{stem}.json", json.dumps(rows, indent=2) + "\n")
-    write_atomic(args.out / f"{stem}.md", markdown(rows, model_name, cross))
-    plot(rows, args.out / f"{stem}.png", model_name)
-    print(markdown(rows, model_name, cross))
+        rows = rows + [r for r in old if r["recipe"] not in new]
+        rows.sort(key=lambda r: order.get(r["recipe"], len(order)))
+        write_atomic(args.out / f"{stem}.json", json.dumps(rows, indent=2) + "\n")
+        write_atomic(args.out / f"{stem}.md", markdown(rows, model_name, cross))
+        plot(rows, args.out / f"{stem}.png", model_name)
+        return rows
+
+    rows = write(run(args.model, recipes, args.nsamples, args.max_windows, args.device, write)) if recipes else old
+    if rows:
+        print(markdown(rows, model_name, cross))
 
 
 if __name__ == "__main__":
