@@ -64,19 +64,23 @@ def load(path: str | Path) -> QuantizedModel:
 def quantize(model: str | Path, recipe: Recipe | str, *, out: str | Path,
              calibration: CalibrationConfig | dict | None = None, resume: bool = False,
              overwrite: bool = False, evaluate: bool = True, max_eval_windows: int | None = None,
-             progress: Progress | None = None, device: str = "cpu") -> QuantizedModel:
+             progress: Progress | None = None, device: str = "cpu",
+             max_gpu_memory: float | None = None) -> QuantizedModel:
     """Quantize the Hugging Face model directory ``model`` by ``recipe`` (object, bundled name or
     YAML path) into the checkpoint ``out``; ``calibration`` overrides fields of the recipe's
     calibration section. Test perplexity is recorded in the manifest when ``evaluate``.
     ``device``: ``cpu`` (the whole model in float32), ``cuda`` (read lazily and quantized one decoder
-    layer at a time on the GPU) or ``auto`` (the GPU when there is one)."""
+    layer at a time on the GPU) or ``auto`` (the GPU when there is one). ``max_gpu_memory``: GiB the
+    job may allocate on the GPU (default: all free memory); calibration hidden states that do not fit
+    beside a layer's workspace wait in pinned CPU memory."""
     r = load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe
     if calibration is not None:
         fields = calibration.model_dump() if isinstance(calibration, CalibrationConfig) else dict(calibration)
         r = Recipe.model_validate({**r.model_dump(), "calibration": {**r.calibration.model_dump(), **fields}})
     quantize_to_checkpoint(Path(model), r, Path(out), resume=resume, overwrite=overwrite,
                            eval_text="test" if evaluate else None, max_eval_windows=max_eval_windows,
-                           progress=progress, device=device)
+                           progress=progress, device=device,
+                           max_gpu_bytes=None if max_gpu_memory is None else int(max_gpu_memory * 2**30))
     return load(out)
 
 

@@ -116,6 +116,9 @@ def quantize(
     max_eval_windows: Optional[int] = typer.Option(None, min=1, help="Limit evaluation windows."),
     device: str = typer.Option("cpu", help="cpu (whole model in float32); cuda (lazy loading, one decoder layer "
                                             "at a time on the GPU); auto (cuda when there is a GPU)."),
+    max_gpu_memory: Optional[float] = typer.Option(None, min=0.01, help="GiB the job may allocate on the GPU "
+                                                   "(default: all free); hidden states that do not fit spill to "
+                                                   "pinned CPU memory."),
 ):
     """Quantize a causal LM by a recipe into an fp-export checkpoint."""
     _quiet_transformers()
@@ -123,7 +126,8 @@ def quantize(
     t0 = time.time()
     with user_errors(), progress_bars() as bar:
         qm = fx.quantize(model, recipe, out=out_dir, calibration=cal or None, resume=resume, overwrite=overwrite,
-                         evaluate=evaluate, max_eval_windows=max_eval_windows, progress=bar, device=device)
+                         evaluate=evaluate, max_eval_windows=max_eval_windows, progress=bar, device=device,
+                         max_gpu_memory=max_gpu_memory)
     peak = None
     if (qm.manifest.get("device") or {}).get("type") == "cuda":
         import torch

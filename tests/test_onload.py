@@ -160,9 +160,11 @@ def test_out_of_memory_names_layer_and_bytes(tmp_path, monkeypatch):
     with pytest.raises(DeviceError) as e:
         quantize_to_checkpoint(DEFAULT_MODEL, tiny_recipe(), tmp_path / "o", eval_text=None, onload=True)
     msg = str(e.value)
-    # the default model's layer: 4 * (512*512*2 + 512*256*2 + 512*1536*3 + 2*512) bytes in float32
+    # the default model's layer: 4 float32 copies of its 512*512*2 + 512*256*2 + 512*1536*3 + 2*512
+    # parameters, and 4 float64 Hessians of its widest linear input (down_proj: 1536)
+    workspace = 4 * 4 * (512 * 512 * 2 + 512 * 256 * 2 + 512 * 1536 * 3 + 1024) + 4 * 8 * 1536**2
     assert "model.layers.0: out of GPU memory" in msg and "fewer calibration samples (--nsamples)" in msg
-    assert f"layer {4 * (512 * 512 * 2 + 512 * 256 * 2 + 512 * 1536 * 3 + 1024) / 2**30:.2f} GiB" in msg
+    assert f"workspace {workspace / 2**30:.2f} GiB" in msg
     assert not (tmp_path / "o").exists()
 
 

@@ -93,7 +93,7 @@ def make_model(path: Path, shape: dict, layers: int, seed: int = 0) -> float:
     return time.perf_counter() - t0
 
 
-def quantize_child(model: Path, out: Path, nsamples: int, seqlen: int) -> dict:
+def quantize_child(model: Path, out: Path, nsamples: int, seqlen: int, max_gpu_gib: float | None) -> dict:
     """Runs in the child process: the instrumented job; returns the measurements."""
     import logging
 
@@ -123,11 +123,13 @@ def quantize_child(model: Path, out: Path, nsamples: int, seqlen: int) -> dict:
     onload.capture_layer_inputs = timed("calibration", onload.capture_layer_inputs)
     job.write_checkpoint = timed("write", job.write_checkpoint)
     layer_times: list[float] = []
+    spilled = []
 
     class Collect(logging.Handler):
         def emit(self, record):
             msg = record.getMessage()
             print("fp-export:", msg, flush=True)
+            spilled.extend([msg] if "spill to pinned CPU memory" in msg else [])
             if msg.startswith("layer ") and " in " in msg:
                 layer_times.append(float(msg.split(" in ")[1].split(" s")[0]))
 
@@ -136,21 +138,26 @@ def quantize_child(model: Path, out: Path, nsamples: int, seqlen: int) -> dict:
     r = load_recipe(RECIPE)
     r = r.model_copy(update={"calibration": r.calibration.model_copy(update={"nsamples": nsamples, "seqlen": seqlen})})
     t0 = time.perf_counter()
-    manifest = job.quantize_to_checkpoint(model, r, out, overwrite=True, eval_text=None, device="cuda")
+    cap = None if max_gpu_gib is None else int(max_gpu_gib * 2**30)
+    manifest = job.quantize_to_checkpoint(model, r, out, overwrite=True, eval_text=None, device="cuda",
+                                          max_gpu_bytes=cap)
     total = time.perf_counter() - t0
     # calibration's wrappers nest GPTQ and LoRC inside _calibrate_and_replace: report them apart
     stages["calibration"] -= stages["gptq"] + stages["lorc"]
     size = sum(f.stat().st_size for f in out.iterdir())
     return {"total_s": total, "stages_s": stages, "layer_s": layer_times,
             "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
+            "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(),
+            "max_gpu_gib": max_gpu_gib, "hidden_states": "pinned CPU memory" if spilled else "GPU",
             "peak_cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "checkpoint_bytes": size, "checkpoint_files": sorted(f.name for f in out.iterdir()),
             "quantized_linears": len(manifest["layers"])}
 
 
-def run_child(model: Path, out: Path, nsamples: int, seqlen: int) -> dict:
+def run_child(model: Path, out: Path, nsamples: int, seqlen: int, max_gpu_gib: float | None) -> dict:
     res = out.parent / f"{out.name}.result.json"
-    cmd = [sys.executable, __file__, "--child", str(model), str(out), str(nsamples), str(seqlen), str(res)]
+    cmd = [sys.executable, __file__, "--child", str(model), str(out), str(nsamples), str(seqlen), str(res),
+           str(max_gpu_gib or "")]
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return json.loads(res.read_text())
 
@@ -171,7 +178,10 @@ def write_report(out: Path, shape_name: str, report: dict) -> None:
         md += [f"| **total (job)** | **{r['total_s']:.1f}** |", "",
                f"- per layer: median {statistics.median(r['layer_s']):.2f} s (min {min(r['layer_s']):.2f}, max "
                f"{max(r['layer_s']):.2f}) over {len(r['layer_s'])} layers",
-               f"- peak GPU memory (torch.cuda.max_memory_allocated): {r['peak_gpu_bytes'] / gib:.2f} GiB",
+               f"- peak GPU memory (torch.cuda.max_memory_allocated): {r['peak_gpu_bytes'] / gib:.2f} GiB "
+               f"(reserved by the allocator: {r['peak_gpu_reserved_bytes'] / gib:.2f} GiB); job cap "
+               f"{'none' if r['max_gpu_gib'] is None else str(r['max_gpu_gib']) + ' GiB'}; calibration hidden states "
+               f"in {r['hidden_states']}",
                f"- peak CPU memory (max RSS of the quantize process): {r['peak_cpu_rss_bytes'] / gib:.2f} GiB",
                f"- checkpoint: {r['checkpoint_bytes'] / gib:.2f} GiB in {len(r['checkpoint_files'])} files",
                f"- writing the random model (not part of the job): {report['make_model_s']:.1f} s"]
@@ -184,8 +194,9 @@ def write_report(out: Path, shape_name: str, report: dict) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        model, out, nsamples, seqlen, res = sys.argv[2:]
-        Path(res).write_text(json.dumps(quantize_child(Path(model), Path(out), int(nsamples), int(seqlen))))
+        model, out, nsamples, seqlen, res, cap = sys.argv[2:]
+        Path(res).write_text(json.dumps(quantize_child(Path(model), Path(out), int(nsamples), int(seqlen),
+                                                       float(cap) if cap else None)))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="7b")
@@ -194,6 +205,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_quantize"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks"))
+    ap.add_argument("--max-gpu-memory", type=float, default=None, help="GiB cap of the job (quantize's option)")
+    ap.add_argument("--tag", default="", help="appended to the report's name after '_' (several runs of one shape)")
     args = ap.parse_args()
     shape = SHAPES[args.shape]
     layers = args.layers or shape["num_hidden_layers"]
@@ -202,13 +215,14 @@ def main() -> None:
               "seqlen": args.seqlen, "recipe": RECIPE}
     model = args.workdir / f"{args.shape}-model"
     report["make_model_s"] = make_model(model, shape, layers)
-    write_report(args.out, args.shape, report)
-    r = run_child(model, args.workdir / f"{args.shape}-q", args.nsamples, args.seqlen)
+    name = args.shape + (f"_{args.tag}" if args.tag else "")
+    write_report(args.out, name, report)
+    r = run_child(model, args.workdir / f"{args.shape}-q", args.nsamples, args.seqlen, args.max_gpu_memory)
     report["result"] = r
     if layers < shape["num_hidden_layers"]:
         per = statistics.median(r["layer_s"])
         report["extrapolated_total_s"] = r["total_s"] - sum(r["layer_s"]) + per * shape["num_hidden_layers"]
-    write_report(args.out, args.shape, report)
+    write_report(args.out, name, report)
 
 
 if __name__ == "__main__":

@@ -69,10 +69,13 @@ def _floor_log2(a: torch.Tensor) -> torch.Tensor:
     return e - 1
 
 
-def round_to_grid(x: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """Round float ``x`` onto ``fmt``'s grid (nearest, ties to even, saturating). float32 out."""
+def round_to_grid(x: torch.Tensor, fmt: Format, check: bool = True) -> torch.Tensor:
+    """Round float ``x`` onto ``fmt``'s grid (nearest, ties to even, saturating). float32 out.
+    ``check``: raise on NaN input (a device synchronization; callers that checked their input
+    already, such as GPTQ's column loop, pass False)."""
     x = x.float()
-    _check_finite_or_inf(x)
+    if check:
+        _check_finite_or_inf(x)
     if fmt.kind == "int":
         return torch.round(x.clamp(-fmt.max, fmt.max))
     if fmt.name in TORCH_FP8:
@@ -85,9 +88,9 @@ def round_to_grid(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     return torch.copysign(q, x)
 
 
-def encode(x: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """Codes (uint8, one per element, low ``fmt.bits`` bits used) of ``round_to_grid(x)``."""
-    q = round_to_grid(x, fmt)
+def encode(x: torch.Tensor, fmt: Format, check: bool = True) -> torch.Tensor:
+    """Codes (uint8, one per element, low ``fmt.bits`` bits used) of ``round_to_grid(x, fmt, check)``."""
+    q = round_to_grid(x, fmt, check)
     if fmt.kind == "int":
         return (q.to(torch.int32) & ((1 << fmt.bits) - 1)).to(torch.uint8)
     sign = torch.signbit(q).to(torch.int32)
@@ -126,11 +129,12 @@ def decode_table(fmt: Format) -> torch.Tensor:
     return torch.tensor(vals, dtype=torch.float32)
 
 
-def decode(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """float32 values of uint8 ``codes`` (unpacked, one per element)."""
+def decode(codes: torch.Tensor, fmt: Format, check: bool = True) -> torch.Tensor:
+    """float32 values of uint8 ``codes`` (unpacked, one per element). ``check``: raise on codes
+    past the format's bits (a device synchronization; False for codes ``encode`` just made)."""
     if codes.dtype != torch.uint8:
         raise TypeError(f"codes must be uint8, got {codes.dtype}")
-    if fmt.bits < 8 and (codes >> fmt.bits).any():
+    if check and fmt.bits < 8 and (codes >> fmt.bits).any():
         raise ValueError(f"{fmt.name} codes must be < {1 << fmt.bits}")
     return _table_on(fmt, codes.device)[codes.long()]
 

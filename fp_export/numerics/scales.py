@@ -101,7 +101,11 @@ def row_reference(w: torch.Tensor, fmt: Format, constraint: Constraint) -> RowRe
     if constraint == "m2":
         return RowReference(row_scale=row_scale, row_exp=None)
     if constraint == "m1":
-        return RowReference(row_scale=None, row_exp=ceil_log2(row_scale))
+        row_exp = ceil_log2(row_scale)
+        lo, hi = int(row_exp.min()) - SHIFT_WINDOW + 1, int(row_exp.max())
+        if lo < EXP_MIN or hi > EXP_MAX:  # group exponents lie in [row_exp - SHIFT_WINDOW + 1, row_exp]
+            raise ValueError(f"M1 exponent out of int8 range ({lo}..{hi})")
+        return RowReference(row_scale=None, row_exp=row_exp)
     return RowReference(row_scale=None, row_exp=None)
 
 
@@ -111,7 +115,8 @@ def group_scales(
     """Scales for groups with absolute maxima ``amax`` [out, n].
 
     Returns (scale float32 [out, n], scale_exp int8 [out, n] or None when unconstrained).
-    A zero group gets the smallest scale its row allows (unconstrained: the rule's 1 / max)."""
+    A zero group gets the smallest scale its row allows (unconstrained: the rule's 1 / max).
+    No device synchronization (GPTQ calls it inside captured CUDA graphs)."""
     if constraint == "none":
         return absmax_scale(amax, fmt.max), None
     zero = amax == 0
@@ -124,8 +129,6 @@ def group_scales(
         exp = ceil_log2(absmax_scale(amax, fmt.max))
         exp = torch.minimum(torch.maximum(exp, hi - SHIFT_WINDOW + 1), hi)
         exp = torch.where(zero, (hi - SHIFT_WINDOW + 1).expand_as(exp), exp)
-        if exp.min() < EXP_MIN or exp.max() > EXP_MAX:
-            raise ValueError(f"M1 exponent out of int8 range ({int(exp.min())}..{int(exp.max())})")
     exp = exp.to(torch.int8)
     return constrained_scale(exp, ref.row_scale), exp
 

@@ -75,6 +75,31 @@ def deterministic(device: torch.device):
         torch.set_float32_matmul_precision(saved[4])
 
 
+def memory_budget(device: torch.device, max_bytes: int | None) -> int:
+    """Bytes a job may still take on CUDA ``device``: its free memory, at most ``max_bytes``."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return free if max_bytes is None else min(free, max_bytes)
+
+
+@contextmanager
+def memory_cap(device: torch.device, max_bytes: int | None):
+    """Cap this process's CUDA allocations on ``device`` at ``max_bytes`` for a job (torch's
+    per-process memory fraction; a GPU shared with other work, or a test of a smaller GPU's
+    budget): an allocation past it raises the out-of-memory error the job reports. No-op on the
+    CPU or for None."""
+    if device.type != "cuda" or max_bytes is None:
+        yield
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    if not 0 < max_bytes <= total:
+        raise DeviceError(f"max GPU memory {max_bytes / 2**30:.2f} GiB: {device} has {total / 2**30:.2f} GiB")
+    torch.cuda.set_per_process_memory_fraction(max_bytes / total, device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -15,7 +15,7 @@ from fp_export.data.corpus import calibration_batch, load_text, text_sha256
 from fp_export.evaluate.perplexity import model_seqlen, perplexity, tokenize
 from fp_export.hf.loading import check_model_dir, load_model
 from fp_export.hf.shards import weight_files
-from fp_export.ptq.device import cpu_threads, deterministic, device_name, resolve_device
+from fp_export.ptq.device import cpu_threads, deterministic, device_name, memory_cap, resolve_device
 from fp_export.ptq.sequential import Progress, quantize_model
 from fp_export.quant.recipe import Recipe
 
@@ -32,12 +32,14 @@ def quantize_to_checkpoint(
     device: str | torch.device = "cpu",
     onload: bool | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    max_gpu_bytes: int | None = None,
 ) -> dict:
     """Quantize ``model_dir`` by ``recipe`` into checkpoint ``out``; returns its manifest.
 
     ``device``: cpu, cuda or auto. ``onload`` (default: on any device but the CPU) reads the model
     lazily and quantizes it one decoder layer at a time on the device (``ptq.onload``); without it
-    the whole model is loaded in float32 on the CPU. Outputs past ``max_shard_bytes`` are sharded."""
+    the whole model is loaded in float32 on the CPU. Outputs past ``max_shard_bytes`` are sharded.
+    ``max_gpu_bytes``: the job's GPU memory cap (``ptq.device.memory_cap``; default: free memory)."""
     model_dir = check_model_dir(model_dir)
     weight_files(model_dir)  # a missing or truncated shard fails here, naming it
     out = Path(out)
@@ -49,10 +51,10 @@ def quantize_to_checkpoint(
     if dev.type == "cuda":
         torch.zeros(1, device=dev)  # initializes CUDA and its allocator, which the reset needs
         torch.cuda.reset_peak_memory_stats(dev)
-    with cpu_threads(), deterministic(dev):
+    with cpu_threads(), deterministic(dev), memory_cap(dev, max_gpu_bytes):
         if onload:
             return _quantize_onloaded(model_dir, recipe, out, dev, resume, overwrite, eval_text, max_eval_windows,
-                                      progress, max_shard_bytes)
+                                      progress, max_shard_bytes, max_gpu_bytes)
         return _quantize_whole(model_dir, recipe, out, resume, overwrite, eval_text, max_eval_windows, progress,
                                max_shard_bytes)
 
@@ -103,7 +105,7 @@ def _calibration(tok, recipe: Recipe, seqlen: int) -> tuple[torch.Tensor, dict]:
 
 def _quantize_onloaded(model_dir: Path, recipe: Recipe, out: Path, dev: torch.device, resume: bool,
                        overwrite: bool, eval_text: str | None, max_eval_windows: int | None,
-                       progress: Progress | None, max_shard_bytes: int) -> dict:
+                       progress: Progress | None, max_shard_bytes: int, max_gpu_bytes: int | None) -> dict:
     """Sequential onloading on ``dev`` (``ptq.onload``); the same checkpoint format."""
     from transformers import AutoTokenizer
 
@@ -119,7 +121,7 @@ def _quantize_onloaded(model_dir: Path, recipe: Recipe, out: Path, dev: torch.de
     state = ResumeState(state_dir_for(out), fingerprint, resume)
     eval_ids = None if eval_text is None else tokenize(tok, load_text(eval_text))
     tensors, specs, metrics = quantize_onloaded(m, recipe, calib, state, progress, eval_ids,
-                                                model_seqlen(m.model), max_eval_windows)
+                                                model_seqlen(m.model), max_eval_windows, max_gpu_bytes)
     if metrics:
         metrics = {"eval_text": eval_text, **metrics}
     extra = {

@@ -40,7 +40,7 @@ from fp_export.evaluate.perplexity import eval_windows, window_nll
 from fp_export.hf.families import decoder_layers, layer_prefix, set_module
 from fp_export.hf.loading import ModelError
 from fp_export.hf.shards import LazyWeights
-from fp_export.ptq.device import DeviceError
+from fp_export.ptq.device import DeviceError, memory_budget
 from fp_export.ptq.sequential import Progress, Store, _calibrate_and_replace, _run_layer, \
     capture_layer_inputs, linears_q, log_layer
 from fp_export.quant.recipe import Recipe
@@ -154,25 +154,34 @@ def _release(layer: nn.Module) -> None:
     layer.to("meta")
 
 
-def _layer_bytes(m: Onloaded, prefix: str) -> int:
-    """float32 bytes of the parameters under ``prefix`` (one decoder layer)."""
-    return sum(4 * math.prod(p.shape) for n, p in m.model.named_parameters() if n.startswith(prefix))
+def _workspace_bytes(m: Onloaded, prefix: str) -> int:
+    """Device bytes one decoder layer (parameters under ``prefix``) needs besides the hidden states:
+    4 float32 copies of its parameters (the layer, its quantized copy, LoRC and GPTQ working
+    copies) and 4 float64 Hessians of its widest linear input (its accumulator, GPTQ's damped copy,
+    the Cholesky factor and the inverse: ``quant.gptq.inverse_cholesky``'s peak)."""
+    params = [p for n, p in m.model.named_parameters() if n.startswith(prefix)]
+    widest = max((p.shape[1] for p in params if p.dim() == 2), default=0)
+    return 4 * 4 * sum(math.prod(p.shape) for p in params) + 4 * 8 * widest**2
 
 
-def plan_store(m: Onloaded, rows: int, seqlen: int, layer_bytes: int) -> Store:
+def plan_store(m: Onloaded, rows: int, seqlen: int, workspace: int, max_bytes: int | None = None) -> Store:
     """Keep hidden states (``rows`` x [1, seqlen, hidden] float32, inputs and outputs) on the device
-    when they and ~4 float32 layers (the layer, its quantized copy, Hessians, workspace) fit in 90%
-    of its free memory; else spill them to pinned CPU memory. Always the device store on the CPU."""
+    when they and a layer's ``workspace`` fit in 90% of its budget (free memory, at most
+    ``max_bytes``); else spill them to pinned CPU memory, which costs a host-device copy of each
+    state per layer pass. Always the device store on the CPU."""
     if m.device.type != "cuda":
         return DeviceStore()
-    hidden = m.model.config.hidden_size
-    states = 2 * rows * seqlen * hidden * 4
-    free, _total = torch.cuda.mem_get_info(m.device)
-    if states + 4 * layer_bytes < 0.9 * free:
+    states = _states_bytes(m, rows, seqlen)
+    budget = memory_budget(m.device, max_bytes)
+    if states + workspace < 0.9 * budget:
         return DeviceStore()
-    log.info("calibration hidden states (%.2f GiB) spill to pinned CPU memory (%.2f GiB free on %s)",
-             states / 2**30, free / 2**30, m.device)
+    log.info("calibration hidden states (%.2f GiB) spill to pinned CPU memory (layer workspace %.2f GiB, budget"
+             " %.2f GiB on %s)", states / 2**30, workspace / 2**30, budget / 2**30, m.device)
     return PinnedStore(m.device)
+
+
+def _states_bytes(m: Onloaded, rows: int, seqlen: int) -> int:
+    return 2 * rows * seqlen * m.model.config.hidden_size * 4
 
 
 def quantize_onloaded(
@@ -184,24 +193,27 @@ def quantize_onloaded(
     eval_ids: torch.Tensor | None = None,
     eval_seqlen: int | None = None,
     max_eval_windows: int | None = None,
+    max_bytes: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict]:
     """Quantize layer by layer; returns (checkpoint tensors on the CPU in the whole-model path's
-    order and dtypes, the manifest's per-linear specs, perplexity metrics or {})."""
+    order and dtypes, the manifest's per-linear specs, perplexity metrics or {}). ``max_bytes``:
+    the job's GPU memory budget (``ptq.device.memory_cap`` enforces it; here it decides where the
+    hidden states wait)."""
     model = m.model
     prefix = layer_prefix(model)
     layers = decoder_layers(model)
     n = len(layers)
     quantizing = recipe.weights is not None or recipe.activations is not None
     done = state.layers_done() if quantizing else 0
-    layer_bytes = _layer_bytes(m, f"{prefix}.0.")
-    store = plan_store(m, calib.shape[0], calib.shape[1], layer_bytes)
+    workspace = _workspace_bytes(m, f"{prefix}.0.")
+    store = plan_store(m, calib.shape[0], calib.shape[1], workspace, max_bytes)
     qtensors: dict[str, torch.Tensor] = {}
     specs: dict[str, dict] = {}
     if quantizing:
         try:
             inputs, kwargs = capture_layer_inputs(model, calib.to(m.device), store)
         except torch.cuda.OutOfMemoryError:
-            raise _oom(m, "embeddings (calibration hidden states)", layer_bytes, calib.shape, store) from None
+            raise _oom(m, "embeddings (calibration hidden states)", workspace, calib.shape, store) from None
         for i in range(n):
             if progress:
                 progress("layers", i, n)
@@ -223,29 +235,28 @@ def quantize_onloaded(
                 _release(layer)
             except torch.cuda.OutOfMemoryError:
                 _release(layer)
-                raise _oom(m, where, layer_bytes, calib.shape, store) from None
+                raise _oom(m, where, workspace, calib.shape, store) from None
             log_layer(where, i, n, time.perf_counter() - t0, i < done, m.device)
         if progress:
             progress("layers", n, n)
         del inputs
     metrics = {}
     if eval_ids is not None:
-        metrics = _evaluate(m, specs, qtensors, eval_ids, eval_seqlen, max_eval_windows, progress)
+        metrics = _evaluate(m, specs, qtensors, eval_ids, eval_seqlen, max_eval_windows, progress, max_bytes)
     return _checkpoint_tensors(m, specs, qtensors), specs, metrics
 
 
-def _oom(m: Onloaded, where: str, layer_bytes: int, shape: torch.Size, store: Store) -> DeviceError:
+def _oom(m: Onloaded, where: str, workspace: int, shape: torch.Size, store: Store) -> DeviceError:
     rows, seqlen = shape
-    hidden = m.model.config.hidden_size
-    states = 2 * rows * seqlen * hidden * 4 if isinstance(store, DeviceStore) else 2 * seqlen * hidden * 4
-    need = states + 4 * layer_bytes
+    states = _states_bytes(m, rows if isinstance(store, DeviceStore) else 1, seqlen)
+    need = states + workspace
     free = ""
     if m.device.type == "cuda":
         f, total = torch.cuda.mem_get_info(m.device)
         free = f"; {f / 2**30:.2f} of {total / 2**30:.2f} GiB free"
     return DeviceError(
-        f"{where}: out of GPU memory on {m.device}: needs about {need / 2**30:.2f} GiB ({need} bytes: the layer"
-        f" {layer_bytes / 2**30:.2f} GiB in float32 x4 + hidden states {states / 2**30:.2f} GiB for {rows} x {seqlen}"
+        f"{where}: out of GPU memory on {m.device}: needs about {need / 2**30:.2f} GiB ({need} bytes: the layer's"
+        f" workspace {workspace / 2**30:.2f} GiB + hidden states {states / 2**30:.2f} GiB for {rows} x {seqlen}"
         f" calibration tokens{free}); use fewer calibration samples (--nsamples) or a shorter --seqlen"
     )
 
@@ -272,14 +283,14 @@ class _Replay(nn.Module):
 
 @torch.no_grad()
 def _evaluate(m: Onloaded, specs: dict, qtensors: dict, ids: torch.Tensor, seqlen: int,
-              max_windows: int | None, progress: Progress | None) -> dict:
+              max_windows: int | None, progress: Progress | None, max_bytes: int | None = None) -> dict:
     """Perplexity (``evaluate.perplexity`` protocol) with each window run through the layers one at
     a time, then the skeleton's own forward for the final norm and ``lm_head``."""
     model = m.model
     prefix = layer_prefix(model)
     layers = decoder_layers(model)
     windows = eval_windows(ids, seqlen, max_windows)
-    store = plan_store(m, windows.shape[0], seqlen, _layer_bytes(m, f"{prefix}.0."))
+    store = plan_store(m, windows.shape[0], seqlen, _workspace_bytes(m, f"{prefix}.0."), max_bytes)
     states, kwargs = capture_layer_inputs(model, windows.to(m.device), store)
     as_tuple = False
     for i, layer in enumerate(list(layers)):

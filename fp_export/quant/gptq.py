@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +27,9 @@ MAX_DAMP_RETRIES = 3
 # their results, only their cost: extra OpenMP threads there are pure overhead, 13x slower on a
 # busy 2-core machine (benchmarks/cpu_threads.md).
 COLUMN_THREADS: int | None = 1
+# On CUDA, run each block of columns as a replayed CUDA graph (bit-identical to eager execution:
+# the same kernels on the same values; tests/test_gpu_quantize.py). False: eager, for debugging.
+CUDA_GRAPHS = True
 
 
 class HessianAccumulator:
@@ -34,30 +38,41 @@ class HessianAccumulator:
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.rows = 0
+        self.done = False
 
     def add(self, x: torch.Tensor) -> None:
         """``x``: any [..., in] input batch to the layer."""
+        if self.done:
+            raise RuntimeError("HessianAccumulator.add after hessian()")
         x = x.reshape(-1, x.shape[-1]).to(self.sum.device, torch.float64)
         self.sum += x.T @ x
         self.rows += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
+        """H [in, in] float64, scaled in place on the first call (no copy: a 70B-shaped down_proj's
+        Hessian is 6.6 GiB); later calls return the same tensor."""
         if self.rows == 0:
             raise ValueError("no calibration rows reached this layer")
-        return (2.0 / self.rows) * self.sum
+        if not self.done:
+            self.sum.mul_(2.0 / self.rows)
+            self.done = True
+        return self.sum
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float, name: str = "") -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, float32. Retries with tenfold
-    damping while H is not positive definite; raises after ``MAX_DAMP_RETRIES``."""
-    mean_diag = torch.mean(torch.diag(H))
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, float32. ``H`` (float64) is
+    damped in place. Retries with tenfold damping while H is not positive definite; raises after
+    ``MAX_DAMP_RETRIES``. Peak memory: H plus two more [in, in] float64 matrices."""
+    diag = torch.diag(H)
+    mean_diag = torch.mean(diag)
     for attempt in range(MAX_DAMP_RETRIES + 1):
-        damped = H.clone()  # H + damp * mean * I without an [in, in] identity (GPU memory)
-        damped.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(damped)
-        del damped
+        H.diagonal().copy_(diag + damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
-            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+            inverse = torch.cholesky_inverse(L)
+            del L
+            return torch.linalg.cholesky(inverse, upper=True).float()
+        del L
         if attempt < MAX_DAMP_RETRIES:
             log.warning("%s: Hessian not positive definite with damp %g; retrying with %g", name or "layer",
                         damp, damp * 10)
@@ -68,10 +83,16 @@ def inverse_cholesky(H: torch.Tensor, damp: float, name: str = "") -> torch.Tens
 def gptq(w: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer, damp: float = 0.01,
          block_size: int = 128, act_order: bool = False, name: str = "") -> QuantizedWeight:
     """Quantize ``w`` [out, in] given ``hessian`` [in, in] (same device). Returns the codes and
-    scales; its ``dequantize()`` is the weight the error feedback assumed, bit for bit."""
+    scales; its ``dequantize()`` is the weight the error feedback assumed, bit for bit. On a CUDA
+    device each block of columns runs as a replayed CUDA graph (``CUDA_GRAPHS``): the same
+    kernels on the same values as eager execution, without the per-operation launch cost."""
     W = w.detach().float().clone()
+    if not torch.isfinite(W).all():
+        raise ValueError(f"{name or 'layer'}: weight has {int((~torch.isfinite(W)).sum())} NaN/Inf values")
     out_f, in_f = W.shape
     H = hessian.double().clone()
+    if not torch.isfinite(H).all():
+        raise ValueError(f"{name or 'layer'}: Hessian has NaN/Inf values (calibration activations overflowed?)")
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -83,18 +104,115 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer, dam
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     Hinv = inverse_cholesky(H, damp, name)
+    del H
 
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
     order = perm.tolist() if perm is not None else range(in_f)
+    graphed = W.is_cuda and CUDA_GRAPHS
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        with _column_threads(W.device):
-            _quantize_block(W, W1, Err1, Hinv1, codes, quantizer, order, static, i1, i2)
+        plan = _plan(quantizer, order, static, i1, i2)
+        slots = torch.tensor(plan.slots, dtype=torch.long, device=W.device)
+        args = (W[:, i1:i2], W[:, i2:i2 + plan.ahead], Hinv[i1:i2, i1:i2], quantizer, slots, plan)
+        Err1, codes1, win = _graphed_block(*args) if graphed else _eager_block(*args)
+        if plan.fitted:
+            quantizer.store(win, slots, torch.tensor(plan.fitted, dtype=torch.long, device=W.device))
+        codes[:, slice(i1, i2) if perm is None else perm[i1:i2]] = codes1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return quantizer.result(codes)
+
+
+@dataclass(frozen=True)
+class _BlockPlan:
+    """GPTQ columns i1..i2 in terms of a quantizer window (``WeightQuantizer.window``): ``slots``
+    the quantizer's groups the window holds, ``col_slot`` each column's window group, ``fit`` the
+    group's width at a column where its scale is fitted (else 0), ``ahead`` the columns past the
+    block those fits read, ``fitted`` the window groups fitted in the block."""
+
+    slots: tuple[int, ...]
+    col_slot: tuple[int, ...]
+    fit: tuple[int, ...]
+    ahead: int
+
+    @property
+    def fitted(self) -> tuple[int, ...]:
+        return tuple(s for s, w in zip(self.col_slot, self.fit) if w)
+
+
+def _plan(quantizer: WeightQuantizer, order, static: bool, i1: int, i2: int) -> _BlockPlan:
+    """Static groups (scales fixed up front, columns possibly permuted): one window group per
+    column. Otherwise the block's groups in order, each fitted at its first column from the
+    already-updated weights, as the reference implementation does."""
+    n = i2 - i1
+    if static:
+        return _BlockPlan(tuple(quantizer.group_of(order[c]) for c in range(i1, i2)), tuple(range(n)), (0,) * n, 0)
+    groups = [quantizer.group_of(c) for c in range(i1, i2)]
+    slots = tuple(sorted(set(groups)))
+    fit = tuple(quantizer.columns_of(g) if c == g * quantizer.group_size else 0 for c, g in zip(range(i1, i2), groups))
+    ahead = max([i1 + i + w - i2 for i, w in enumerate(fit) if w] + [0])
+    return _BlockPlan(slots, tuple(g - slots[0] for g in groups), fit, ahead)
+
+
+def _eager_block(W1, ahead, Hinv1, quantizer, slots, plan):
+    win = quantizer.window(slots)
+    W1 = W1.clone()
+    Err1 = torch.zeros_like(W1)
+    codes1 = torch.zeros(W1.shape, dtype=torch.uint8, device=W1.device)
+    with _column_threads(W1.device):
+        _quantize_block(W1, ahead, Err1, Hinv1, codes1, win, plan)
+    return Err1, codes1, win
+
+
+@dataclass
+class _Graph:
+    """A captured ``_quantize_block`` and the fixed buffers it reads and writes."""
+
+    W1: torch.Tensor
+    ahead: torch.Tensor
+    Hinv1: torch.Tensor
+    win: WeightQuantizer
+    Err1: torch.Tensor
+    codes1: torch.Tensor
+    graph: torch.cuda.CUDAGraph | None = None
+
+
+def _graphed_block(W1, ahead, Hinv1, quantizer, slots, plan):
+    """``_eager_block`` as a CUDA graph, captured once per block shape and plan (and reused by every
+    layer of that shape); its outputs are its buffers, valid until the next block is enqueued."""
+    key = (W1.device, *W1.shape, plan.col_slot, plan.fit, plan.ahead, quantizer.fmt.name, quantizer.constraint)
+    g = _GRAPHS.get(key)
+    if g is None:
+        if len(_GRAPHS) >= MAX_GRAPHS:
+            _GRAPHS.clear()
+        g = _GRAPHS[key] = _capture(W1, ahead, Hinv1, quantizer, slots, plan)
+    g.W1.copy_(W1)
+    g.ahead.copy_(ahead)
+    g.Hinv1.copy_(Hinv1)
+    quantizer.refill(g.win, slots)
+    g.graph.replay()
+    return g.Err1, g.codes1, g.win
+
+
+def _capture(W1, ahead, Hinv1, quantizer, slots, plan) -> _Graph:
+    dev = W1.device
+    g = _Graph(W1.clone(), ahead.clone(), Hinv1.clone(), quantizer.window(slots), torch.zeros_like(W1),
+               torch.zeros(W1.shape, dtype=torch.uint8, device=dev))
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):  # warm-up outside the capture (library handles, workspaces)
+        _quantize_block(g.W1.clone(), g.ahead, g.Err1, g.Hinv1, g.codes1, quantizer.window(slots), plan)
+    torch.cuda.current_stream(dev).wait_stream(side)
+    g.graph = torch.cuda.CUDAGraph()
+    if dev not in _POOLS:
+        _POOLS[dev] = torch.cuda.graph_pool_handle()
+    with torch.cuda.graph(g.graph, pool=_POOLS[dev]):
+        _quantize_block(g.W1, g.ahead, g.Err1, g.Hinv1, g.codes1, g.win, plan)
+    return g
+
+
+_GRAPHS: dict[tuple, _Graph] = {}
+_POOLS: dict[torch.device, tuple] = {}
+MAX_GRAPHS = 64
 
 
 @contextmanager
@@ -110,18 +228,17 @@ def _column_threads(device: torch.device):
             torch.set_num_threads(saved)
 
 
-def _quantize_block(W, W1, Err1, Hinv1, codes, quantizer, order, static, i1, i2) -> None:
-    """Columns i1..i2 of GPTQ one at a time, in place: codes, W1 (updated block), Err1 (errors)."""
-    for i in range(i2 - i1):
-        col = i1 + i
-        orig = order[col]
-        g = quantizer.group_of(orig)
-        if not static and orig == g * quantizer.group_size:
-            width = quantizer.columns_of(g)
+def _quantize_block(W1, ahead, Err1, Hinv1, codes1, win, plan) -> None:
+    """One block of GPTQ columns one at a time, in place, with no device synchronization: W1
+    [out, b] the block (updated), ``ahead`` [out, plan.ahead] the columns after it, Err1 [out, b]
+    the scaled errors, codes1 [out, b] uint8, ``win`` the quantizer window of ``plan``."""
+    for i in range(W1.shape[1]):
+        g, width = plan.col_slot[i], plan.fit[i]
+        if width:
             inside = min(width, W1.shape[1] - i)
-            quantizer.fit_group(g, torch.cat([W1[:, i : i + inside], W[:, col + inside : col + width]], dim=1))
-        c, q = quantizer.quantize(W1[:, i : i + 1], g)
-        codes[:, orig] = c[:, 0]
+            win.fit_group(g, torch.cat([W1[:, i : i + inside], ahead[:, : width - inside]], dim=1))
+        c, q = win.quantize(W1[:, i : i + 1], g)
+        codes1[:, i] = c[:, 0]
         err = (W1[:, i] - q[:, 0]) / Hinv1[i, i]
         W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
         Err1[:, i] = err

@@ -8,6 +8,8 @@ each group when it reaches the group's first column (or every group up front: st
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from fp_export.numerics.formats import Format, encode, get_format
@@ -62,11 +64,37 @@ class WeightQuantizer:
 
     def quantize(self, cols: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Columns ``cols`` [out, k] of group ``g`` -> (codes uint8 [out, k], their dequantized
-        values float32 [out, k], bit-identical to ``QuantizedWeight.dequantize``)."""
+        values float32 [out, k], bit-identical to ``QuantizedWeight.dequantize``). ``cols`` must be
+        finite (the caller checks; no device synchronization here)."""
         scale = self.scale[:, g : g + 1]
         exp = None if self.exp is None else self.exp[:, g : g + 1]
-        codes = encode(cols / scale, self.fmt)
-        return codes, dequantize(codes, self.fmt, None, scale, exp, self.ref.row_scale)
+        codes = encode(cols / scale, self.fmt, check=False)
+        return codes, dequantize(codes, self.fmt, None, scale, exp, self.ref.row_scale, check=False)
+
+    def window(self, slots: torch.Tensor) -> "WeightQuantizer":
+        """A quantizer whose groups 0..len(slots)-1 are this one's groups ``slots`` (int64 [k]):
+        the same grid and rows, with its own copies of their scales (and the row reference), so
+        that a block of GPTQ columns can run on fixed buffers (``quant.gptq``'s CUDA graphs)."""
+        win = copy.copy(self)
+        win.scale = self.scale.index_select(1, slots)
+        win.exp = None if self.exp is None else self.exp.index_select(1, slots)
+        win.ref = RowReference(*(None if t is None else t.clone() for t in (self.ref.row_scale, self.ref.row_exp)))
+        return win
+
+    def refill(self, win: "WeightQuantizer", slots: torch.Tensor) -> None:
+        """Copy groups ``slots`` and the row reference into the buffers of ``win`` (from ``window``)."""
+        torch.index_select(self.scale, 1, slots, out=win.scale)
+        if self.exp is not None:
+            torch.index_select(self.exp, 1, slots, out=win.exp)
+        for mine, theirs in zip((self.ref.row_scale, self.ref.row_exp), (win.ref.row_scale, win.ref.row_exp)):
+            if mine is not None:
+                theirs.copy_(mine)
+
+    def store(self, win: "WeightQuantizer", slots: torch.Tensor, fitted: torch.Tensor) -> None:
+        """Write back the groups of ``win`` at positions ``fitted`` (int64) as groups ``slots[fitted]``."""
+        self.scale[:, slots[fitted]] = win.scale[:, fitted]
+        if self.exp is not None:
+            self.exp[:, slots[fitted]] = win.exp[:, fitted]
 
     def result(self, codes: torch.Tensor) -> QuantizedWeight:
         return QuantizedWeight(self.fmt, self.group_size, self.constraint, codes, self.scale, self.exp,

@@ -108,10 +108,11 @@ def dequantize(
     scale: torch.Tensor,
     scale_exp: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """float32 [out, k] of codes uint8 [out, k] with per-group ``scale`` / ``scale_exp`` [out, n]
-    (columns of group ``i // group_size``) by the module docstring's rule."""
-    q = decode(codes, fmt)
+    (columns of group ``i // group_size``) by the module docstring's rule (``check``: ``decode``'s)."""
+    q = decode(codes, fmt, check)
     k = q.shape[1]
     if scale_exp is None:
         return q * expand_groups(scale, group_size, k)

@@ -27,17 +27,24 @@ class KernelUnavailable(RuntimeError):
     """No CUDA device, no nvcc, or the library failed to build or load."""
 
 
-def build_library(out_dir: Path = PLUGINS / "build") -> Path:
-    """Compile ``fp4_to_fp8.cu`` into ``out_dir/libfp_export_kernels.so`` with nvcc."""
+def compile_cuda(source: str, lib_name: str, out_dir: Path, error: type[Exception]) -> Path:
+    """Compile ``plugins/<source>`` into ``out_dir/<lib_name>`` with nvcc (sm_90), written under a
+    per-process temporary name and renamed (concurrent builds never load a half-written library).
+    Raises ``error`` when nvcc is missing."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        raise KernelUnavailable("nvcc not found: install the CUDA toolkit or build plugins/ with CMake")
+        raise error(f"nvcc not found: install the CUDA toolkit to build plugins/{source} (or build plugins/ with CMake)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / LIB_NAME
-    tmp = out.with_suffix(".so.tmp")
-    subprocess.run([nvcc, *NVCC_FLAGS, "-o", str(tmp), str(PLUGINS / "fp4_to_fp8.cu")], check=True)
+    out = out_dir / lib_name
+    tmp = out.with_suffix(f".so.{os.getpid()}.tmp")
+    subprocess.run([nvcc, *NVCC_FLAGS, "-o", str(tmp), str(PLUGINS / source)], check=True)
     os.replace(tmp, out)
     return out
+
+
+def build_library(out_dir: Path = PLUGINS / "build") -> Path:
+    """Compile ``fp4_to_fp8.cu`` into ``out_dir/libfp_export_kernels.so``."""
+    return compile_cuda("fp4_to_fp8.cu", LIB_NAME, out_dir, KernelUnavailable)
 
 
 def library_path() -> Path:

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
-import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,10 +35,9 @@ from pathlib import Path
 import torch
 
 from fp_export.numerics.fp4_to_fp8 import fp4_to_fp8 as reference_cast
+from fp_export.runtime.kernels import PLUGINS, compile_cuda
 
-PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 LIB_NAME = "libfp_export_w4a8.so"
-NVCC_FLAGS = ["-O3", "-gencode=arch=compute_90,code=sm_90", "-Xcompiler", "-fPIC", "-shared"]
 SMALL_M = 32  # "auto": the mma.sync kernel up to this many tokens (it takes up to 64); H100 sweep in benchmarks/w4a8_sweep.json
 TILE_N, CHUNK_K = 16, 128
 
@@ -149,16 +146,8 @@ def reference(a_codes: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, lorc_
 
 
 def build_library(out_dir: Path = PLUGINS / "build") -> Path:
-    """Compile ``w4a8_gemm.cu`` into ``out_dir/libfp_export_w4a8.so`` with nvcc (atomic rename)."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        raise W4A8Unavailable("nvcc not found: install the CUDA toolkit to build plugins/w4a8_gemm.cu")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / LIB_NAME
-    tmp = out.with_suffix(f".so.{os.getpid()}.tmp")
-    subprocess.run([nvcc, *NVCC_FLAGS, "-o", str(tmp), str(PLUGINS / "w4a8_gemm.cu")], check=True)
-    os.replace(tmp, out)
-    return out
+    """Compile ``w4a8_gemm.cu`` into ``out_dir/libfp_export_w4a8.so``."""
+    return compile_cuda("w4a8_gemm.cu", LIB_NAME, out_dir, W4A8Unavailable)
 
 
 @lru_cache(maxsize=1)
