@@ -125,17 +125,22 @@ def markdown(report: dict) -> str:
              f"Server {report['server']}; prompt {a['prompt_len']} random token ids, {a['max_tokens']} generated "
              f"tokens (greedy), {a['requests_per_client']} requests per client, stream={a['stream']}; "
              f"median of {a['repeats']} runs with [min..max].", "",
-             "| model | concurrency | requests/s | tokens/s | p50 ms | p99 ms | first token p50 ms | vs baseline tokens/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Ratios: each model's median over the baseline's ({report['models'][0]}) median at the same concurrency "
+             "(tokens/s: higher is better; latency: lower is better).", "",
+             "| model | concurrency | requests/s | tokens/s | p50 ms | p99 ms | first token p50 ms | tokens/s vs baseline "
+             "| p50 vs baseline | p99 vs baseline |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     base = report["models"][0]
     for m in report["models"]:
         for c, s in report["results"][m].items():
             def cell(k):
                 v = s.get(k)
                 return f"{v['median']:.1f} [{v['min']:.1f}..{v['max']:.1f}]" if v else "-"
-            ratio = s["tokens_per_s"]["median"] / report["results"][base][c]["tokens_per_s"]["median"]
+            def ratio(k):
+                return f"{s[k]['median'] / report['results'][base][c][k]['median']:.2f}x"
             lines.append(f"| {m} | {c} | {cell('requests_per_s')} | {cell('tokens_per_s')} | {cell('p50_ms')} | "
-                         f"{cell('p99_ms')} | {cell('ttft_p50_ms')} | {ratio:.2f}x |")
+                         f"{cell('p99_ms')} | {cell('ttft_p50_ms')} | {ratio('tokens_per_s')} | {ratio('p50_ms')} | "
+                         f"{ratio('p99_ms')} |")
     return "\n".join(lines) + "\n"
 
 
