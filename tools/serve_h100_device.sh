@@ -41,14 +41,15 @@ setup() {
     ldd /tmp/site/pytriton/tritonserver/python_backend_stubs/3.12/triton_python_backend_stub | grep -E "not found|libpython"
     LD_LIBRARY_PATH=/tmp/site/nvidia_pytriton.libs ldd /tmp/site/pytriton/tritonserver/bin/tritonserver | grep "not found"
     python3 -c "import tritonclient.grpc, grpc, google.protobuf as p; print('tritonclient.grpc ok; grpc', grpc.__version__, 'protobuf', p.__version__)"
-    /tmp/senv/bin/python -c "import fp_export, torch, pydantic; print('serving env ok:', fp_export.__file__, torch.__version__, torch.cuda.is_available())"
+    (cd /tmp && /tmp/senv/bin/python -c "import fp_export, torch, pydantic; print('serving env ok:', fp_export.__file__, torch.__version__, torch.cuda.is_available())")
 }
 
 start() {
     local shape=$1 layers=${2:-} w=/tmp/serve-$1
     mkdir -p "$w"
-    (cd /tmp/fpx && setsid nohup python3 tools/serve_h100.py run --shape "$shape" ${layers:+--layers "$layers"} \
-        --work "$w" --env /tmp/senv --device cuda > "$w.log" 2>&1 < /dev/null &)
+    # the whole background list redirected: a shell left holding the caller's stdout would keep a pipe open
+    (cd /tmp/fpx && exec setsid python3 tools/serve_h100.py run --shape "$shape" ${layers:+--layers "$layers"} \
+        --work "$w" --env /tmp/senv --device cuda) > "$w.log" 2>&1 < /dev/null &
     echo "started tools/serve_h100.py run --shape $shape${layers:+ --layers $layers} (log $w.log)"
 }
 

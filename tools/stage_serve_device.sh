@@ -8,8 +8,10 @@
 #   whl-grpc/      grpcio and protobuf as new as tritonclient's generated code asks for: carry them
 #                  in a second call only if the machine's own are older (tree + the above is ~62 MB
 #                  of the 64 MiB a call may carry);
-#   tree/          the files of THIS checkout that the device run needs, copied over the sent tree
-#                  (so a helper's worktree can run its tools through the lead's checkout).
+#   tree/          this checkout's tracked fp_export (less the embedded model and corpus, which do not
+#                  change), plugins and serving tools, laid over the sent tree by `setup`: the device
+#                  sends DEST_CHECKOUT's working tree, uncommitted edits included, and the benchmark
+#                  must run the code of the commit it is reported for.
 # Usage: tools/stage_serve_device.sh [DEST_CHECKOUT]   (default: this checkout)
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,4 +35,5 @@ get -d "$dest/whl" pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0
     tritonclient==2.73.0 python-rapidjson==1.25
 get -d "$dest/whl-grpc" grpcio==1.85.1 protobuf==6.33.6
 cp "$src"/tools/{serve_h100.py,serve_h100_device.sh,bench_serve.py,bench_quantize.py} "$dest/tree/tools/"
+(cd "$src" && git ls-files fp_export plugins | grep -v -E '^fp_export/(models|data)/' | tar -cf - -T - | tar -C "$dest/tree" -xf -)
 du -sh "$dest"/*
