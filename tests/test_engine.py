@@ -94,3 +94,20 @@ def test_generate_cuda_greedy_sampled_eos(models):
     eos = int(out[0, 3])
     e = generate_cuda(q, ids[:1], 20, eos_token_id=eos)
     assert e.shape[1] <= 4 and int(e[0, -1]) == eos
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_varying_batches_reuse_one_cache_and_its_graphs(models):
+    """A server's batches vary in size: the cache grows to the largest and is kept, so the graphs
+    captured for one batch bucket survive a smaller batch, and the tokens do not change."""
+    from fp_export.runtime.engine import engine_for
+
+    _, q = models
+    eng = engine_for(q, "w4a8")
+    ids = torch.randint(0, q.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(2))
+    four = eng.generate(ids, 6)
+    graphs, cache = dict(eng.graphs), eng.cache[0]
+    assert eng.generate(ids[:1], 6).shape == (1, 6)
+    assert eng.cache[0] is cache and all(eng.graphs[k] is g for k, g in graphs.items())
+    assert torch.equal(eng.generate(ids, 6), four)

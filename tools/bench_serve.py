@@ -96,6 +96,19 @@ def run_level(url: str, model: str, concurrency: int, requests_per_client: int, 
             "ttft_p50_ms": float(np.percentile(ttft, 50) * 1e3) if stream and ttft else None}
 
 
+def server_counts(url: str, model: str) -> tuple[int, int]:
+    """Triton's statistics of ``model`` so far: (requests executed, model executions); their
+    difference over a level gives the mean batch size the server's dynamic batcher formed."""
+    import tritonclient.grpc as tg
+
+    client = tg.InferenceServerClient(url)
+    try:
+        st = client.get_inference_statistics(model).model_stats[0]
+    finally:
+        client.close()
+    return st.inference_count, st.execution_count
+
+
 def summarize(runs: list[dict]) -> dict:
     keys = ["requests_per_s", "tokens_per_s", "p50_ms", "p99_ms", "ttft_p50_ms"]
     out = {}
@@ -125,17 +138,23 @@ def markdown(report: dict) -> str:
              f"Server {report['server']}; prompt {a['prompt_len']} random token ids, {a['max_tokens']} generated "
              f"tokens (greedy), {a['requests_per_client']} requests per client, stream={a['stream']}; "
              f"median of {a['repeats']} runs with [min..max].", "",
-             "| model | concurrency | requests/s | tokens/s | p50 ms | p99 ms | first token p50 ms | vs baseline tokens/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Ratios: each model's median over the baseline's ({report['models'][0]}) median at the same concurrency "
+             "(tokens/s: higher is better; latency: lower is better).", "",
+             "| model | concurrency | requests/s | tokens/s | p50 ms | p99 ms | first token p50 ms | tokens/s vs baseline "
+             "| p50 vs baseline | p99 vs baseline | mean server batch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = report["models"][0]
     for m in report["models"]:
         for c, s in report["results"][m].items():
             def cell(k):
                 v = s.get(k)
                 return f"{v['median']:.1f} [{v['min']:.1f}..{v['max']:.1f}]" if v else "-"
-            ratio = s["tokens_per_s"]["median"] / report["results"][base][c]["tokens_per_s"]["median"]
+            def ratio(k):
+                return f"{s[k]['median'] / report['results'][base][c][k]['median']:.2f}x"
+            batch = f"{s['mean_server_batch']:.1f}" if "mean_server_batch" in s else "-"
             lines.append(f"| {m} | {c} | {cell('requests_per_s')} | {cell('tokens_per_s')} | {cell('p50_ms')} | "
-                         f"{cell('p99_ms')} | {cell('ttft_p50_ms')} | {ratio:.2f}x |")
+                         f"{cell('p99_ms')} | {cell('ttft_p50_ms')} | {ratio('tokens_per_s')} | {ratio('p50_ms')} | "
+                         f"{ratio('p99_ms')} | {batch} |")
     return "\n".join(lines) + "\n"
 
 
@@ -170,12 +189,17 @@ def main(argv: list[str] | None = None) -> dict:
         run_level(a.url, m, 1, a.warmup, a.prompt_len, a.vocab, a.max_tokens, a.stream, 999, a.timeout)
         results[m] = {}
         for c in a.concurrency:
+            before = server_counts(a.url, m)
             runs = [run_level(a.url, m, c, a.requests_per_client, a.prompt_len, a.vocab, a.max_tokens, a.stream,
                               1000 * r + c, a.timeout) for r in range(a.repeats)]
-            results[m][str(c)] = summarize(runs) | {"runs": runs}
+            after = server_counts(a.url, m)
+            inferences, executions = after[0] - before[0], after[1] - before[1]
+            results[m][str(c)] = summarize(runs) | {"runs": runs, "server_inferences": inferences,
+                                                    "server_executions": executions,
+                                                    "mean_server_batch": inferences / max(executions, 1)}
             s = results[m][str(c)]
             print(f"{m} c={c}: {s['tokens_per_s']['median']:.1f} tok/s, p50 {s['p50_ms']['median']:.1f} ms, "
-                  f"p99 {s['p99_ms']['median']:.1f} ms", flush=True)
+                  f"p99 {s['p99_ms']['median']:.1f} ms, mean server batch {s['mean_server_batch']:.1f}", flush=True)
     report = {"device": device_name(a.device), "server": f"{meta.name} {meta.version}", "models": a.model,
               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}, "results": results}
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -157,8 +157,8 @@ def _release(layer: nn.Module) -> None:
 def _workspace_bytes(m: Onloaded, prefix: str) -> int:
     """Device bytes one decoder layer (parameters under ``prefix``) needs besides the hidden states:
     4 float32 copies of its parameters (the layer, its quantized copy, LoRC and GPTQ working
-    copies) and 4 float64 Hessians of its widest linear input (its accumulator, GPTQ's damped copy,
-    the Cholesky factor and the inverse: ``quant.gptq.inverse_cholesky``'s peak)."""
+    copies) and 4 float64 Hessians of its widest linear input (its accumulator, GPTQ's copy and
+    ``quant.gptq.inverse_cholesky``'s inverse, and one for the linear algebra's own workspace)."""
     params = [p for n, p in m.model.named_parameters() if n.startswith(prefix)]
     widest = max((p.shape[1] for p in params if p.dim() == 2), default=0)
     return 4 * 4 * sum(math.prod(p.shape) for p in params) + 4 * 8 * widest**2

@@ -232,9 +232,14 @@ class DecodeEngine:
 
     # --- cache, graphs ------------------------------------------------------------------------
     def _ensure_cache(self, batch: int, seq: int) -> None:
+        """A KV cache of at least ``batch`` rows and ``seq`` positions. It only grows (to the largest
+        batch and length seen), so that a server's varying batch sizes reuse one cache and the
+        graphs captured on it; a smaller batch uses its first rows."""
         seq = -(-seq // LEN_BUCKET) * LEN_BUCKET
-        if self.cache is not None and self.cache[0].shape[1] == batch and self.cache[0].shape[3] >= seq:
-            return
+        if self.cache is not None:
+            if self.cache[0].shape[1] >= batch and self.cache[0].shape[3] >= seq:
+                return
+            batch, seq = max(batch, self.cache[0].shape[1]), max(seq, self.cache[0].shape[3])
         self.release()
         shape = (len(self.layers), batch, self.nkv, seq, self.hd)
         self.cache = (torch.zeros(shape, dtype=torch.bfloat16, device=self.dev),
