@@ -8,8 +8,8 @@
 #     OUT=... bash tools/smollm2_device.sh STEP...
 # Steps, in the order they are needed (each does nothing that is already done, so a step stopped
 # by the call's time limit continues in the next call while the machine stays warm):
-#   stage    copy what stage_smollm2_device.sh put in <this script's tree>/stage (GGUF parts, the
-#            wheels unpacked into site.tar.gz, the GGUF's sha256 and part list) into $WORK
+#   stage    copy what stage_smollm2_device.sh put in <this script's tree>/stage (a GGUF part, the
+#            wheels in site-*.tar.gz, the GGUF's sha256 and part list) into $WORK
 #   convert  once every part is there: reassemble, check the sha256, fp-export convert --gguf
 #   bundled  tools/paper_table.py, every bundled recipe on SmolLM2 (paper_table_smollm2-135m-instruct)
 #   study    the study recipes on SmolLM2 (study_smollm2-135m-instruct)
@@ -42,9 +42,9 @@ for step in "$@"; do
     stage)
       cp -n "$T"/stage/gguf.part[0-9]* "$W/parts/" 2>/dev/null
       cp "$T"/stage/gguf.sha256 "$T"/stage/gguf.parts "$W/" 2>/dev/null
-      if [ -f "$T/stage/site.tar.gz" ] && [ ! -d "$W/site" ]; then
-        mkdir -p "$W/site.tmp" && tar xzf "$T/stage/site.tar.gz" -C "$W/site.tmp" && mv "$W/site.tmp" "$W/site"
-      fi
+      for t in "$T"/stage/site-*.tar.gz; do  # wheels unpacked (site-core: pydantic, gguf; site-modelopt)
+        [ -f "$t" ] && mkdir -p "$W/site" && tar xzf "$t" -C "$W/site" && log "unpacked $(basename "$t")"
+      done
       nvidia-smi -L | tee -a "$LOG"
       python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$LOG"
       log "parts here: $(cd "$W/parts" && ls | tr '\n' ' ')"
