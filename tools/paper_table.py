@@ -193,13 +193,15 @@ def main() -> None:
     stem = args.name or ("paper_table" if args.model.resolve() == DEFAULT_MODEL else f"paper_table_{model_name}")
     old = json.loads((args.out / f"{stem}.json").read_text()) if (args.append or args.skip_existing) and (
         args.out / f"{stem}.json").is_file() else []
+    order = {n: i for i, n in enumerate(dict.fromkeys(ORDER + [r.name for r in recipes]))}
     if args.skip_existing:
         machine = device_name(args.device)
         done = {r["recipe"] for r in old if r["device"] == machine}
         recipes = [r for r in recipes if r.name not in done]
         print(f"skipping {len(done)} recipe(s) with rows on {machine}; {len(recipes)} to run", flush=True)
+    if not recipes and not old:
+        raise SystemExit("no recipe to run and no rows to keep")
     args.out.mkdir(parents=True, exist_ok=True)
-    order = {n: i for i, n in enumerate(dict.fromkeys(ORDER + [r.name for r in recipes]))}
 
     def write(rows: list[dict]) -> list[dict]:
         new = {r["recipe"] for r in rows}
@@ -210,9 +212,8 @@ def main() -> None:
         plot(rows, args.out / f"{stem}.png", model_name)
         return rows
 
-    rows = write(run(args.model, recipes, args.nsamples, args.max_windows, args.device, write)) if recipes else old
-    if rows:
-        print(markdown(rows, model_name, cross))
+    rows = write(run(args.model, recipes, args.nsamples, args.max_windows, args.device, write) if recipes else [])
+    print(markdown(rows, model_name, cross))
 
 
 if __name__ == "__main__":
