@@ -185,3 +185,21 @@ def test_plain_log_lines_when_stderr_is_not_a_terminal(tmp_path):
     assert r.exit_code == 0, r.output
     for i in range(1, 5):
         assert f"fp-export: layer {i}/4 model.layers.{i - 1} quantized in" in r.output
+
+
+def test_hidden_states_spill_when_they_and_the_workspace_exceed_the_budget(monkeypatch):
+    """``plan_store``'s rule on a (pretend) GPU: states + workspace < 90% of the budget stay on the
+    device, else they wait in pinned CPU memory; ``--max-gpu-memory`` is the budget when smaller."""
+    from types import SimpleNamespace
+
+    from fp_export.ptq import onload
+
+    budgets = []
+    monkeypatch.setattr(onload, "memory_budget", lambda dev, cap: budgets.append(cap) or (cap or 80 * 2**30))
+    m = SimpleNamespace(device=torch.device("cuda"), model=SimpleNamespace(config=SimpleNamespace(hidden_size=8192)))
+    states = 2 * 128 * 2048 * 8192 * 4  # 16 GiB: a 70B-shaped model's 128 x 2048 calibration rows
+    workspace = 38 * 2**30
+    assert isinstance(onload.plan_store(m, 128, 2048, workspace), onload.DeviceStore)
+    assert isinstance(onload.plan_store(m, 128, 2048, workspace, 40 * 2**30), onload.PinnedStore)
+    assert isinstance(onload.plan_store(m, 16, 2048, 20 * 2**30, 40 * 2**30), onload.DeviceStore)
+    assert budgets == [None, 40 * 2**30, 40 * 2**30] and states == 16 * 2**30
