@@ -17,6 +17,7 @@ from fp_export.hf.loading import check_model_dir, load_model
 from fp_export.hf.shards import weight_files
 from fp_export.ptq.device import cpu_threads, deterministic, device_name, memory_cap, resolve_device
 from fp_export.ptq.sequential import Progress, quantize_model
+from fp_export.quant.gptq import release_graphs
 from fp_export.quant.recipe import Recipe
 
 
@@ -52,11 +53,14 @@ def quantize_to_checkpoint(
         torch.zeros(1, device=dev)  # initializes CUDA and its allocator, which the reset needs
         torch.cuda.reset_peak_memory_stats(dev)
     with cpu_threads(), deterministic(dev), memory_cap(dev, max_gpu_bytes):
-        if onload:
-            return _quantize_onloaded(model_dir, recipe, out, dev, resume, overwrite, eval_text, max_eval_windows,
-                                      progress, max_shard_bytes, max_gpu_bytes)
-        return _quantize_whole(model_dir, recipe, out, resume, overwrite, eval_text, max_eval_windows, progress,
-                               max_shard_bytes)
+        try:
+            if onload:
+                return _quantize_onloaded(model_dir, recipe, out, dev, resume, overwrite, eval_text,
+                                          max_eval_windows, progress, max_shard_bytes, max_gpu_bytes)
+            return _quantize_whole(model_dir, recipe, out, resume, overwrite, eval_text, max_eval_windows, progress,
+                                   max_shard_bytes)
+        finally:
+            release_graphs()
 
 
 def _quantize_whole(model_dir: Path, recipe: Recipe, out: Path, resume: bool, overwrite: bool,

@@ -219,6 +219,12 @@ _POOLS: dict[torch.device, tuple] = {}
 MAX_GRAPHS = 64
 
 
+def release_graphs() -> None:
+    """Drop the captured column-block graphs and their buffers (a quantize job calls it at its end)."""
+    _GRAPHS.clear()
+    _POOLS.clear()
+
+
 @contextmanager
 def _column_threads(device: torch.device):
     saved = torch.get_num_threads()
