@@ -97,3 +97,14 @@ def test_m2_loses_less_than_m1():
     w = torch.randn(256, 1024, generator=g) * 0.02
     err = {c: (rtn(w, "fp4_e2m1", 256, c).dequantize() - w).norm() for c in ("none", "m1", "m2")}
     assert err["none"] <= err["m2"] < err["m1"]
+
+
+def test_m1_exponent_range_is_checked_once_per_weight():
+    """M1 exponents are int8: a row whose absmax needs exponents below -128 is refused when the row
+    reference is made (before GPTQ's column loop, which must not synchronize the device)."""
+    from fp_export.numerics.scales import row_reference
+
+    ok = torch.tensor([[1.0, -2.0], [3.0e-30, 1.0e-30]])
+    assert row_reference(ok, FP4_E2M1, "m1").row_exp.dtype == torch.int32
+    with pytest.raises(ValueError, match="M1 exponent out of int8 range"):
+        row_reference(torch.tensor([[1.0e-38, 0.0]]), FP4_E2M1, "m1")
