@@ -3,6 +3,7 @@ has its own name, and differs from the bundled recipe it starts from by exactly 
 studies (benchmarks/study_recipes/studies.yaml), so a row's change against its base measures that
 option alone."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,20 +11,11 @@ import yaml
 
 from fp_export.quant.recipe import bundled_recipes, load_recipe
 
-STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "study_recipes"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from study_table import STUDY_DIR as STUDY, flat  # noqa: E402
+
 INDEX = yaml.safe_load((STUDY / "studies.yaml").read_text())
 FILES = sorted(p.name for p in STUDY.glob("*.yaml") if p.name != "studies.yaml")
-
-
-def flat(d: dict, prefix: str = "") -> dict:
-    """Nested recipe dict -> {dotted key: leaf value}; lists are leaves."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def test_index_lists_every_study_recipe_once():
