@@ -20,6 +20,15 @@ def export_checkpoint(qdir: Path, out: Path, reference: bool = False) -> Path:
     return fx.export_onnx(fx.load(qdir), out, reference=reference)
 
 
+def killed_after_layers(done: int):
+    """A quantize progress callback that interrupts the job (KeyboardInterrupt, as Ctrl-C) when
+    ``done`` decoder layers are finished and saved to the resume state."""
+    def progress(kind: str, i: int, n: int) -> None:
+        if kind == "layers" and i == done:
+            raise KeyboardInterrupt
+    return progress
+
+
 def fast_recipe(name: str):
     r = load_recipe(name)
     return r.model_copy(update={"calibration": r.calibration.model_copy(update=FAST_CAL)})

@@ -17,7 +17,7 @@ from fp_export.ptq.job import quantize_to_checkpoint
 from fp_export.quant.qlinear import QuantLinear
 from fp_export.ptq.sequential import quantize_model
 
-from conftest import fast_recipe
+from conftest import fast_recipe, killed_after_layers
 
 
 def test_two_runs_are_byte_identical(quantized, tmp_path):
@@ -32,13 +32,9 @@ def test_killed_run_resumes_to_identical_bytes(quantized, tmp_path, monkeypatch)
     calls = {"n": 0}
     real = quantize_model
 
-    def dying_progress(kind, i, n):
-        if kind == "layers" and i == 2:
-            raise KeyboardInterrupt  # killed after two layers were saved
-
     with pytest.raises(KeyboardInterrupt):
         quantize_to_checkpoint(DEFAULT_MODEL, fast_recipe("w4a8-fp4-m2-lorc"), out, eval_text=None,
-                               progress=dying_progress)
+                               progress=killed_after_layers(2))
     assert not out.exists(), "no partial output"
     state = state_dir_for(out)
     assert json.loads((state / "progress.json").read_text())["layers_done"] == 2

@@ -12,7 +12,7 @@ from fp_export.checkpoint.layout import WEIGHTS, read_manifest
 from fp_export.hf.loading import DEFAULT_MODEL
 from fp_export.ptq.job import quantize_to_checkpoint
 
-from conftest import fast_recipe
+from conftest import fast_recipe, killed_after_layers
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 RECIPE = "w4a8-fp4-m2-lorc"
@@ -35,13 +35,9 @@ def test_two_gpu_runs_are_byte_identical(gpu_ckpt, tmp_path):
 def test_killed_gpu_run_resumes_to_identical_bytes(gpu_ckpt, tmp_path):
     out = tmp_path / "resumed"
 
-    def dying(kind, i, n):
-        if kind == "layers" and i == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
         quantize_to_checkpoint(DEFAULT_MODEL, fast_recipe(RECIPE), out, max_eval_windows=8, device="cuda",
-                               progress=dying)
+                               progress=killed_after_layers(2))
     assert not out.exists()
     quantize_to_checkpoint(DEFAULT_MODEL, fast_recipe(RECIPE), out, max_eval_windows=8, device="cuda", resume=True)
     assert (out / WEIGHTS).read_bytes() == (gpu_ckpt / WEIGHTS).read_bytes()

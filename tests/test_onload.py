@@ -15,7 +15,7 @@ from fp_export.hf.loading import DEFAULT_MODEL, ModelError
 from fp_export.ptq.device import DeviceError, resolve_device
 from fp_export.ptq.job import quantize_to_checkpoint
 
-from conftest import fast_recipe
+from conftest import fast_recipe, killed_after_layers
 
 RECIPE = "w4a8-fp4-m2-lorc"
 TINY_CAL = {"nsamples": 2, "seqlen": 64}
@@ -87,12 +87,9 @@ def test_sharded_input_gives_the_same_checkpoint(runs, onload):
 def test_onloaded_resume_is_byte_identical(runs, tmp_path):
     out = tmp_path / "resumed"
 
-    def dying(kind, i, n):
-        if kind == "layers" and i == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        quantize_to_checkpoint(DEFAULT_MODEL, tiny_recipe(), out, max_eval_windows=2, onload=True, progress=dying)
+        quantize_to_checkpoint(DEFAULT_MODEL, tiny_recipe(), out, max_eval_windows=2, onload=True,
+                               progress=killed_after_layers(2))
     assert not out.exists()
     quantize_to_checkpoint(DEFAULT_MODEL, tiny_recipe(), out, max_eval_windows=2, onload=True, resume=True)
     same_checkpoint(runs("single", True), out)
