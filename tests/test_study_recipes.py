@@ -49,3 +49,12 @@ def test_overrides_reach_the_first_down_projections_only():
                 assert layer == r
         assert r.for_layer("model.layers.0.mlp.up_proj") == r
         assert r.for_layer(f"model.layers.1{n}.mlp.down_proj") == r  # the regex is anchored on the index
+
+
+def test_a16_overrides_leave_only_the_down_projections_unquantized():
+    two, every = (load_recipe(STUDY / f"w8a8-fp8-a16down{s}.yaml") for s in ("2", ""))
+    for i in range(12):
+        down, up = f"model.layers.{i}.mlp.down_proj", f"model.layers.{i}.mlp.up_proj"
+        assert every.for_layer(down).activations is None and every.for_layer(down).weights == every.weights
+        assert (two.for_layer(down).activations is None) == (i < 2)
+        assert two.for_layer(up) == two and every.for_layer(up) == every
