@@ -7,7 +7,9 @@ q/k/v share one Hessian, gate/up another, as in a real layer. Both implementatio
 weights and Hessians and quantize to 4-bit groups:
 
 - ours: ``fp_export.quant.gptq.gptq`` on INT4 groups (``int4``, group ``--group``) and on the
-  deployable grid (FP4 E2M1, M2 scales, group 256; ``w4a8-fp4-m2-lorc`` without LoRC);
+  deployable grid (FP4 E2M1, M2 scales, group 256; ``w4a8-fp4-m2-lorc`` without LoRC), each with
+  its blocks of columns as replayed CUDA graphs and as the fused Triton block kernel
+  (``quant.gptq_kernel``; the same bytes);
 - llm-compressor's ``quantize_weight`` (``llmcompressor.modifiers.gptq.gptq_quantize``: static
   min-max observer scales, its Triton block kernel when it applies) on symmetric INT4 groups, the
   layer's seven linears batched the way its ``GPTQModifier`` batches same-shape modules.
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+import fp_export.quant.gptq as G
 from fp_export.ptq.sequential import output_error
 from fp_export.quant.gptq import HessianAccumulator, gptq
 from fp_export.quant.quantizer import WeightQuantizer
@@ -69,9 +72,15 @@ def timed(fn, repeats: int) -> tuple[list[float], object]:
     return times, out
 
 
-def ours(lin, fmt: str, group: int, constraint: str):
+def ours(lin, fmt: str, group: int, constraint: str, block_kernel: bool = False):
+    """Our GPTQ on the layer; ``block_kernel``: each eligible block of columns as one Triton launch
+    (``quant.gptq_kernel``) instead of a replayed CUDA graph."""
     def run():
-        return [gptq(w, H, WeightQuantizer(fmt, group, constraint)).dequantize() for _, w, H in lin]
+        G.BLOCK_KERNEL = block_kernel
+        try:
+            return [gptq(w, H, WeightQuantizer(fmt, group, constraint)).dequantize() for _, w, H in lin]
+        finally:
+            G.BLOCK_KERNEL = False
     return run
 
 
@@ -142,6 +151,10 @@ def main() -> None:
     runs = [("fp-export GPTQ, INT4 g%d" % args.group, ours(lin, "int4", args.group, "none"),
              ours_rtn(lin, "int4", args.group, "none")),
             ("fp-export GPTQ, FP4 E2M1 M2 g256 (w4a8-fp4-m2)", ours(lin, "fp4_e2m1", 256, "m2"),
+             ours_rtn(lin, "fp4_e2m1", 256, "m2")),
+            ("fp-export GPTQ, INT4 g%d, block kernel" % args.group, ours(lin, "int4", args.group, "none", True),
+             ours_rtn(lin, "int4", args.group, "none")),
+            ("fp-export GPTQ, FP4 E2M1 M2 g256, block kernel", ours(lin, "fp4_e2m1", 256, "m2", True),
              ours_rtn(lin, "fp4_e2m1", 256, "m2"))]
     try:
         import llmcompressor  # noqa: F401

@@ -30,6 +30,10 @@ COLUMN_THREADS: int | None = 1
 # On CUDA, run each block of columns as a replayed CUDA graph (bit-identical to eager execution:
 # the same kernels on the same values; tests/test_gpu_quantize.py). False: eager, for debugging.
 CUDA_GRAPHS = True
+# On CUDA, run each block whose scales are fixed before its first column as one Triton kernel
+# (``quant.gptq_kernel``; bit-identical to the eager loop in Triton's interpreter on the CPU,
+# tests/test_gptq_kernel.py). Off until the same test and the timing have run on the H100.
+BLOCK_KERNEL = False
 
 
 class HessianAccumulator:
@@ -113,12 +117,16 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer, dam
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
     order = perm.tolist() if perm is not None else range(in_f)
     graphed = W.is_cuda and CUDA_GRAPHS
+    kernel = W.is_cuda and BLOCK_KERNEL
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         plan = _plan(quantizer, order, static, i1, i2)
         slots = torch.tensor(plan.slots, dtype=torch.long, device=W.device)
         args = (W[:, i1:i2], W[:, i2:i2 + plan.ahead], Hinv[i1:i2, i1:i2], quantizer, slots, plan)
-        Err1, codes1, win = _graphed_block(*args) if graphed else _eager_block(*args)
+        if kernel and plan.scales_before:
+            Err1, codes1, win = _kernel_block(*args)
+        else:
+            Err1, codes1, win = _graphed_block(*args) if graphed else _eager_block(*args)
         if plan.fitted:
             quantizer.store(win, slots, torch.tensor(plan.fitted, dtype=torch.long, device=W.device))
         codes[:, slice(i1, i2) if perm is None else perm[i1:i2]] = codes1
@@ -142,6 +150,11 @@ class _BlockPlan:
     def fitted(self) -> tuple[int, ...]:
         return tuple(s for s, w in zip(self.col_slot, self.fit) if w)
 
+    @property
+    def scales_before(self) -> bool:
+        """No group is fitted after the block's first column (every scale known when it starts)."""
+        return not any(self.fit[1:])
+
 
 def _plan(quantizer: WeightQuantizer, order, static: bool, i1: int, i2: int) -> _BlockPlan:
     """Static groups (scales fixed up front, columns possibly permuted): one window group per
@@ -164,6 +177,23 @@ def _eager_block(W1, ahead, Hinv1, quantizer, slots, plan):
     codes1 = torch.zeros(W1.shape, dtype=torch.uint8, device=W1.device)
     with _column_threads(W1.device):
         _quantize_block(W1, ahead, Err1, Hinv1, codes1, win, plan)
+    return Err1, codes1, win
+
+
+def _kernel_block(W1, ahead, Hinv1, quantizer, slots, plan):
+    """``_eager_block`` for a plan with ``scales_before``: the first column's group fit (if any) in
+    torch, then the column loop as one ``quant.gptq_kernel`` launch."""
+    from fp_export.quant.gptq_kernel import quantize_block
+
+    win = quantizer.window(slots)
+    width = plan.fit[0]
+    if width:
+        inside = min(width, W1.shape[1])
+        win.fit_group(plan.col_slot[0], torch.cat([W1[:, :inside], ahead[:, : width - inside]], dim=1))
+    Err1 = torch.empty(W1.shape, device=W1.device)
+    codes1 = torch.empty(W1.shape, dtype=torch.uint8, device=W1.device)
+    col_slot = torch.tensor(plan.col_slot, dtype=torch.int32, device=W1.device)
+    quantize_block(W1, Hinv1, win, col_slot, Err1, codes1)
     return Err1, codes1, win
 
 

@@ -1,0 +1,74 @@
+"""The fused GPTQ block kernel (``quant.gptq_kernel``) against the eager column loop, bit for bit:
+codes, scales and the scaled errors that drive the lazy updates, over every weight grid, both
+scale constraints, per-channel, grouped and static (act-order) groups, ragged rows and blocks.
+
+Runs on a CUDA GPU, or on the CPU in Triton's interpreter (``TRITON_INTERPRET=1`` with ``triton``
+installed: numpy semantics, so it checks the kernel's arithmetic rules, not the compiler's); skips
+otherwise. The CPU reference it is compared with is ``quant.gptq._quantize_block`` itself."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not (CUDA or INTERPRET),
+                                                  reason="needs a CUDA GPU, or TRITON_INTERPRET=1 with triton")]
+DEVICE = "cuda" if CUDA else "cpu"
+
+CASES = [  # fmt, group, constraint, act_order, out, in
+    ("fp4_e2m1", 256, "m2", False, 40, 640),    # groups spanning blocks, a partial last group (fit at a block start)
+    ("fp4_e2m1", 128, "m1", False, 33, 300),    # M1; a ragged last block; rows not a multiple of the tile
+    ("fp4_e2m1", 256, "none", False, 16, 384),  # unconstrained FP4
+    ("int4", 128, "none", False, 24, 256),      # INT4 groups
+    ("int8", None, "none", False, 17, 200),     # per channel (static)
+    ("fp8_e4m3", None, "none", False, 32, 256),  # FP8 weights per channel
+    ("fp4_e2m1", 128, "m2", True, 20, 384),     # act-order: static groups, permuted columns
+    ("fp4_e2m1", 64, "m2", False, 16, 256),     # fits mid-block: those blocks stay eager
+]
+
+
+@pytest.mark.parametrize("fmt,group,constraint,act_order,out_f,in_f", CASES)
+def test_kernel_gptq_equals_eager(monkeypatch, fmt, group, constraint, act_order, out_f, in_f):
+    import fp_export.quant.gptq as G
+    from fp_export.quant.quantizer import WeightQuantizer
+
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(out_f, in_f, generator=gen) * torch.rand(out_f, 1, generator=gen) * 3).to(DEVICE)
+    w[0, :5] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 7.5])  # signed zeros, values that round to zero
+    x = torch.randn(512, in_f, generator=gen) * torch.rand(in_f, generator=gen) * 4
+    acc = G.HessianAccumulator(in_f, DEVICE)
+    acc.add(x.to(DEVICE))
+    monkeypatch.setattr(G, "CUDA_GRAPHS", False)
+
+    def run(use_kernel: bool):
+        calls = []
+        eager = G._eager_block
+
+        def block(W1, ahead, Hinv1, quantizer, slots, plan):
+            use = use_kernel and plan.scales_before
+            calls.append(use)
+            args = (W1, ahead, Hinv1, quantizer, slots, plan)
+            if not use:
+                return eager(*args)
+            Err1, codes1, win = G._kernel_block(*args)
+            e_err, e_codes, e_win = eager(*args)  # the same block both ways, before any state moves on
+            assert torch.equal(codes1, e_codes), (plan, (codes1 != e_codes).nonzero()[:5].tolist())
+            assert torch.equal(Err1.view(torch.int32), e_err.view(torch.int32)), plan
+            assert torch.equal(win.scale, e_win.scale)
+            return Err1, codes1, win
+
+        monkeypatch.setattr(G, "_eager_block", block)
+        q = G.gptq(w, acc.hessian(), WeightQuantizer(fmt, group, constraint), act_order=act_order, block_size=128)
+        return q, calls
+
+    ref, _ = run(False)
+    got, calls = run(True)
+    # every block here fits its groups at its first column or before, except with groups of 64,
+    # where each block fits one mid-block and takes the eager loop
+    assert calls and set(calls) == {group != 64}
+    assert torch.equal(got.codes, ref.codes)
+    assert torch.equal(got.scale, ref.scale)
+    assert (ref.scale_exp is None) or torch.equal(got.scale_exp, ref.scale_exp)
