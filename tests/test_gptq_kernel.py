@@ -2,21 +2,37 @@
 codes, scales and the scaled errors that drive the lazy updates, over every weight grid, both
 scale constraints, per-channel, grouped and static (act-order) groups, ragged rows and blocks.
 
-Runs on a CUDA GPU, or on the CPU in Triton's interpreter (``TRITON_INTERPRET=1`` with ``triton``
-installed: numpy semantics, so it checks the kernel's arithmetic rules, not the compiler's); skips
-otherwise. The CPU reference it is compared with is ``quant.gptq._quantize_block`` itself."""
+Runs compiled on a CUDA GPU; without one, in Triton's interpreter on the CPU (numpy semantics:
+it checks the kernel's arithmetic rules, not the compiler's), which CI installs ``triton`` for;
+skips when ``triton`` is missing. The reference is ``quant.gptq._quantize_block`` itself."""
 
+import importlib
 import importlib.util
-import os
+import sys
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not (CUDA or INTERPRET),
-                                                  reason="needs a CUDA GPU, or TRITON_INTERPRET=1 with triton")]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
 DEVICE = "cuda" if CUDA else "cpu"
+KERNEL = "fp_export.quant.gptq_kernel"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreted_without_cuda():
+    """Without CUDA: (re)import the kernel module with TRITON_INTERPRET=1 (read when ``triton.jit``
+    wraps the kernel), and drop it afterwards so nothing else sees the interpreted kernel."""
+    if CUDA:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        sys.modules.pop(KERNEL, None)
+        importlib.import_module(KERNEL)
+        yield
+    sys.modules.pop(KERNEL, None)
+
 
 CASES = [  # fmt, group, constraint, act_order, out, in
     ("fp4_e2m1", 256, "m2", False, 40, 640),    # groups spanning blocks, a partial last group (fit at a block start)
