@@ -347,7 +347,10 @@ def serve(
     def interrupt(_signum, _frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the server as Ctrl-C does
+    # `kill` (SIGTERM) stops the server as Ctrl-C does; SIGINT too when this process was started
+    # with it ignored (a background job of a non-interactive shell, `nohup ... &`)
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     try:  # from here on, Ctrl-C (KeyboardInterrupt) stops the server
         out.print(f"tritonserver ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  (Ctrl-C stops it)",
                   soft_wrap=True)

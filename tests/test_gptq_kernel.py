@@ -2,36 +2,30 @@
 codes, scales and the scaled errors that drive the lazy updates, over every weight grid, both
 scale constraints, per-channel, grouped and static (act-order) groups, ragged rows and blocks.
 
-Runs compiled on a CUDA GPU; without one, in Triton's interpreter on the CPU (numpy semantics:
-it checks the kernel's arithmetic rules, not the compiler's), which CI installs ``triton`` for;
-skips when ``triton`` is missing. The reference is ``quant.gptq._quantize_block`` itself."""
+Runs compiled on a CUDA GPU. Without one, the cases run in Triton's interpreter (numpy semantics:
+they check the kernel's arithmetic rules, not the compiler's) in a child pytest process with
+``TRITON_INTERPRET=1``, which triton reads when it is first imported; CI installs ``triton`` for
+it. Skips when ``triton`` is missing. The reference is ``quant.gptq._quantize_block`` itself."""
 
-import importlib
 import importlib.util
+import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
 DEVICE = "cuda" if CUDA else "cpu"
-KERNEL = "fp_export.quant.gptq_kernel"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def interpreted_without_cuda():
-    """Without CUDA: (re)import the kernel module with TRITON_INTERPRET=1 (read when ``triton.jit``
-    wraps the kernel), and drop it afterwards so nothing else sees the interpreted kernel."""
-    if CUDA:
-        yield
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        sys.modules.pop(KERNEL, None)
-        importlib.import_module(KERNEL)
-        yield
-    sys.modules.pop(KERNEL, None)
+@pytest.mark.skipif(CUDA or INTERPRETED, reason="the cases run in this process")
+def test_cases_pass_in_the_triton_interpreter():
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "equals_eager"],
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and f"{len(CASES)} passed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
 
 
 CASES = [  # fmt, group, constraint, act_order, out, in
@@ -46,6 +40,7 @@ CASES = [  # fmt, group, constraint, act_order, out, in
 ]
 
 
+@pytest.mark.skipif(not (CUDA or INTERPRETED), reason="without CUDA: in the interpreter's child process")
 @pytest.mark.parametrize("fmt,group,constraint,act_order,out_f,in_f", CASES)
 def test_kernel_gptq_equals_eager(monkeypatch, fmt, group, constraint, act_order, out_f, in_f):
     import fp_export.quant.gptq as G

@@ -74,7 +74,7 @@ def run_config(model_dir: Path, key: str, calib: torch.Tensor, max_windows: int 
                batch: int = 1) -> dict:
     """One ModelOpt configuration: ``calib`` [n, seqlen] int64 windows fed ``batch`` at a time to its
     calibration loop (max calibration and AWQ-lite's statistics are sums/maxima over tokens, so the
-    batch changes the time, not what is measured), then perplexity on the test split."""
+    batch changes the time, and what is measured only by float rounding), then perplexity on the test split."""
     import modelopt.torch.quantization as mtq
 
     model, tok, _ = load_model(model_dir)

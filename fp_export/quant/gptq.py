@@ -117,7 +117,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer, dam
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
     order = perm.tolist() if perm is not None else range(in_f)
     graphed = W.is_cuda and CUDA_GRAPHS
-    kernel = W.is_cuda and BLOCK_KERNEL
+    kernel = W.is_cuda and BLOCK_KERNEL and block_size <= 128  # the kernel's register tile
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         plan = _plan(quantizer, order, static, i1, i2)

@@ -27,6 +27,7 @@ import triton.language as tl
 from fp_export.quant.quantizer import WeightQuantizer
 
 ROWS = 16  # rows per program: a [16, 128] float32 tile is 16 registers a thread at 4 warps
+COLUMNS = 128  # the widest block (quant.gptq's block_size), the tile's width
 _CONSTRAINT = {"none": 0, "m1": 1, "m2": 2}
 
 
@@ -120,11 +121,12 @@ def _gptq_block(W, Err, Codes, Hinv, Scale, Exp, RowScale, Slot, out_f,
 
 def quantize_block(W1: torch.Tensor, Hinv1: torch.Tensor, win: WeightQuantizer, col_slot: torch.Tensor,
                    Err1: torch.Tensor, codes1: torch.Tensor) -> None:
-    """The column loop of one GPTQ block with every scale already in ``win``: W1 [out, b] float32
+    """The column loop of one GPTQ block with every scale already in ``win``: W1 [out, b <= COLUMNS] float32
     (row-major columns, read only), Hinv1 [b, b] float32, ``col_slot`` int32 [b] each column's
     window group; writes Err1 [out, b] float32 and codes1 [out, b] uint8 (contiguous)."""
     out_f, b = W1.shape
-    if b > 128 or W1.stride(1) != 1 or Hinv1.stride(1) != 1 or not (Err1.is_contiguous() and codes1.is_contiguous()):
+    contiguous = Err1.is_contiguous() and codes1.is_contiguous()
+    if b > COLUMNS or W1.stride(1) != 1 or Hinv1.stride(1) != 1 or not contiguous:
         raise ValueError(f"block of {b} columns with strides {W1.stride()}, {Hinv1.stride()}: not supported")
     fmt = win.fmt
     scale = win.scale.contiguous()
@@ -133,7 +135,7 @@ def quantize_block(W1: torch.Tensor, Hinv1: torch.Tensor, win: WeightQuantizer, 
     _gptq_block[(triton.cdiv(out_f, ROWS),)](
         W1, Err1, codes1, Hinv1, scale, exp, row_scale, col_slot, out_f,
         W1.stride(0), Err1.stride(0), codes1.stride(0), Hinv1.stride(0), scale.stride(0),
-        b=b, ROWS=ROWS, B=128, IS_INT=fmt.kind == "int", BITS=fmt.bits, MAXV=fmt.max, MBITS=fmt.mbits,
+        b=b, ROWS=ROWS, B=COLUMNS, IS_INT=fmt.kind == "int", BITS=fmt.bits, MAXV=fmt.max, MBITS=fmt.mbits,
         MIN_EXP=fmt.min_normal_exp, BIAS=fmt.bias,
         CONSTRAINT=_CONSTRAINT[win.constraint], enable_fp_fusion=False,
     )
