@@ -103,7 +103,9 @@ one() {
       mapfile -t todo < <(python3 -c 'import json, sys, pathlib
 p = pathlib.Path(sys.argv[1])
 done = {r["recipe"] for r in json.loads(p.read_text()) if not r["device"].startswith("CPU")} if p.is_file() else set()
-print("\n".join(f for f in sys.argv[2:] if pathlib.Path(f).stem not in done))' "$W/res/$name.json" "$T"/benchmarks/study_recipes/w*.yaml)
+for f in sys.argv[2:]:
+    if pathlib.Path(f).stem not in done:
+        print(f)' "$W/res/$name.json" "$T"/benchmarks/study_recipes/w*.yaml)
       log "study: ${#todo[@]} recipe(s) without a row on this machine"
       for (( k = 0; k < ${SHARDS:-4} && k < ${#todo[@]}; k++ )); do
         sel=(); for i in "${!todo[@]}"; do (( i % ${SHARDS:-4} == k )) && sel+=("${todo[$i]}"); done
