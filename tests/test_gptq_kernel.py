@@ -83,3 +83,24 @@ def test_kernel_gptq_equals_eager(monkeypatch, fmt, group, constraint, act_order
     assert torch.equal(got.codes, ref.codes)
     assert torch.equal(got.scale, ref.scale)
     assert (ref.scale_exp is None) or torch.equal(got.scale_exp, ref.scale_exp)
+
+
+@pytest.mark.skipif(not CUDA, reason="quant.gptq.BLOCK_KERNEL acts on CUDA tensors only")
+@pytest.mark.parametrize("fmt,group,constraint,act_order,out_f,in_f", CASES)
+def test_block_kernel_switch_gives_the_graphed_bytes(monkeypatch, fmt, group, constraint, act_order, out_f, in_f):
+    """``gptq`` with ``BLOCK_KERNEL`` on (kernel blocks, graphed ones where a group is fitted
+    mid-block) gives the bytes of the all-graphed loop: what turning the switch on would change."""
+    import fp_export.quant.gptq as G
+    from fp_export.quant.quantizer import WeightQuantizer
+
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(out_f, in_f, generator=gen).cuda()
+    acc = G.HessianAccumulator(in_f, "cuda")
+    acc.add((torch.randn(512, in_f, generator=gen) * torch.rand(in_f, generator=gen) * 4).cuda())
+    runs = []
+    for on in (False, True):
+        monkeypatch.setattr(G, "BLOCK_KERNEL", on)
+        runs.append(G.gptq(w, acc.hessian(), WeightQuantizer(fmt, group, constraint), act_order=act_order))
+    assert torch.equal(runs[1].codes, runs[0].codes)
+    assert torch.equal(runs[1].scale, runs[0].scale)
+    assert (runs[0].scale_exp is None) or torch.equal(runs[1].scale_exp, runs[0].scale_exp)
