@@ -5,7 +5,7 @@ scale constraints, per-channel, grouped and static (act-order) groups, ragged ro
 Runs compiled on a CUDA GPU. Without one, the cases run in Triton's interpreter (numpy semantics:
 they check the kernel's arithmetic rules, not the compiler's) in a child pytest process with
 ``TRITON_INTERPRET=1``, which triton reads when it is first imported; CI installs ``triton`` for
-it. Skips when ``triton`` is missing. The reference is ``quant.gptq._quantize_block`` itself."""
+it. Skips when ``triton`` is missing. The reference is ``quant.gptq.gptq`` with its eager column loop."""
 
 import importlib.util
 import os
@@ -44,6 +44,7 @@ CASES = [  # fmt, group, constraint, act_order, out, in
 @pytest.mark.parametrize("fmt,group,constraint,act_order,out_f,in_f", CASES)
 def test_kernel_gptq_equals_eager(monkeypatch, fmt, group, constraint, act_order, out_f, in_f):
     import fp_export.quant.gptq as G
+    import fp_export.quant.gptq_kernel as K
     from fp_export.quant.quantizer import WeightQuantizer
 
     gen = torch.Generator().manual_seed(0)
@@ -53,34 +54,24 @@ def test_kernel_gptq_equals_eager(monkeypatch, fmt, group, constraint, act_order
     acc = G.HessianAccumulator(in_f, DEVICE)
     acc.add(x.to(DEVICE))
     monkeypatch.setattr(G, "CUDA_GRAPHS", False)
+    launches = []
+    kernel = K.quantize_block
 
-    def run(use_kernel: bool):
-        calls = []
-        eager = G._eager_block
+    def counted(*args):
+        launches.append(args[0].shape[1])
+        kernel(*args)
 
-        def block(W1, ahead, Hinv1, quantizer, slots, plan):
-            use = use_kernel and plan.scales_before
-            calls.append(use)
-            args = (W1, ahead, Hinv1, quantizer, slots, plan)
-            if not use:
-                return eager(*args)
-            Err1, codes1, win = G._kernel_block(*args)
-            e_err, e_codes, e_win = eager(*args)  # the same block both ways, before any state moves on
-            assert torch.equal(codes1, e_codes), (plan, (codes1 != e_codes).nonzero()[:5].tolist())
-            assert torch.equal(Err1.view(torch.int32), e_err.view(torch.int32)), plan
-            assert torch.equal(win.scale, e_win.scale)
-            return Err1, codes1, win
-
-        monkeypatch.setattr(G, "_eager_block", block)
-        q = G.gptq(w, acc.hessian(), WeightQuantizer(fmt, group, constraint), act_order=act_order, block_size=128)
-        return q, calls
-
-    ref, _ = run(False)
-    got, calls = run(True)
+    monkeypatch.setattr(K, "quantize_block", counted)
+    runs = []
+    for on in (False, True):
+        monkeypatch.setattr(G, "BLOCK_KERNEL", on)
+        runs.append(G.gptq(w, acc.hessian(), WeightQuantizer(fmt, group, constraint), act_order=act_order))
+    ref, got = runs
+    blocks = -(-in_f // 128)
     # every block here fits its groups at its first column or before, except with groups of 64,
     # where each block fits one mid-block and takes the eager loop
-    assert calls and set(calls) == {group != 64}
-    assert torch.equal(got.codes, ref.codes)
+    assert len(launches) == (0 if group == 64 else blocks)
+    assert torch.equal(got.codes, ref.codes), (got.codes != ref.codes).nonzero()[:5].tolist()
     assert torch.equal(got.scale, ref.scale)
     assert (ref.scale_exp is None) or torch.equal(got.scale_exp, ref.scale_exp)
 

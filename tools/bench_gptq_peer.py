@@ -7,9 +7,10 @@ q/k/v share one Hessian, gate/up another, as in a real layer. Both implementatio
 weights and Hessians and quantize to 4-bit groups:
 
 - ours: ``fp_export.quant.gptq.gptq`` on INT4 groups (``int4``, group ``--group``) and on the
-  deployable grid (FP4 E2M1, M2 scales, group 256; ``w4a8-fp4-m2-lorc`` without LoRC), each with
-  its blocks of columns as replayed CUDA graphs and as the fused Triton block kernel
-  (``quant.gptq_kernel``; the same bytes);
+  deployable grid (FP4 E2M1, M2 scales, group 256; ``w4a8-fp4-m2-lorc`` without LoRC), each as
+  it runs by default (blocks of columns as the fused Triton kernel ``quant.gptq_kernel``, one
+  factorization per distinct Hessian) and with the kernel off (blocks as replayed CUDA graphs;
+  the same bytes);
 - llm-compressor's ``quantize_weight`` (``llmcompressor.modifiers.gptq.gptq_quantize``: static
   min-max observer scales, its Triton block kernel when it applies) on symmetric INT4 groups, the
   layer's seven linears batched the way its ``GPTQModifier`` batches same-shape modules.
@@ -37,6 +38,7 @@ from fp_export.ptq.sequential import output_error
 from fp_export.quant.gptq import HessianAccumulator, gptq
 from fp_export.quant.quantizer import WeightQuantizer
 
+GRAPHED = "fp-export GPTQ, kernel off (CUDA graphs), "
 SHAPES = {"7b": (4096, 11008, 4096), "70b": (8192, 28672, 1024)}  # hidden, MLP, k/v width
 
 
@@ -72,15 +74,15 @@ def timed(fn, repeats: int) -> tuple[list[float], object]:
     return times, out
 
 
-def ours(lin, fmt: str, group: int, constraint: str, block_kernel: bool = False):
-    """Our GPTQ on the layer; ``block_kernel``: each eligible block of columns as one Triton launch
-    (``quant.gptq_kernel``) instead of a replayed CUDA graph."""
+def ours(lin, fmt: str, group: int, constraint: str, block_kernel: bool = True):
+    """Our GPTQ on the layer; ``block_kernel`` False: every block of columns as a replayed CUDA
+    graph instead of one Triton launch (``quant.gptq.BLOCK_KERNEL``)."""
     def run():
-        G.BLOCK_KERNEL = block_kernel
+        saved, G.BLOCK_KERNEL = G.BLOCK_KERNEL, block_kernel
         try:
             return [gptq(w, H, WeightQuantizer(fmt, group, constraint)).dequantize() for _, w, H in lin]
         finally:
-            G.BLOCK_KERNEL = False
+            G.BLOCK_KERNEL = saved
     return run
 
 
@@ -137,6 +139,27 @@ def error(lin, qs) -> float:
     return sum(output_error(w, q.float(), H) for (_, w, H), q in zip(lin, qs))
 
 
+def profile(runs, path: Path) -> None:
+    """One run of each implementation (but the CUDA-graph ones: thousands of launches, minutes
+    under the profiler) under torch.profiler: its top CUDA kernels and CPU operators, as text in
+    ``path``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    parts = []
+    for name, fn, _ in runs:
+        if name.startswith(GRAPHED):
+            continue
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        ev = prof.key_averages()
+        parts += [f"## {name}", ev.table(sort_by="cuda_time_total", row_limit=15),
+                  ev.table(sort_by="self_cpu_time_total", row_limit=15)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="7b")
@@ -144,6 +167,8 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=128, help="INT4 group size (both implementations)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("benchmarks"))
+    ap.add_argument("--profile", action="store_true",
+                    help="also one run of each implementation under torch.profiler: <out>/gptq_profile_<shape>.txt")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     lin = layer(args.shape, args.rows)
@@ -152,9 +177,9 @@ def main() -> None:
              ours_rtn(lin, "int4", args.group, "none")),
             ("fp-export GPTQ, FP4 E2M1 M2 g256 (w4a8-fp4-m2)", ours(lin, "fp4_e2m1", 256, "m2"),
              ours_rtn(lin, "fp4_e2m1", 256, "m2")),
-            ("fp-export GPTQ, INT4 g%d, block kernel" % args.group, ours(lin, "int4", args.group, "none", True),
+            (GRAPHED + "INT4 g%d" % args.group, ours(lin, "int4", args.group, "none", False),
              ours_rtn(lin, "int4", args.group, "none")),
-            ("fp-export GPTQ, FP4 E2M1 M2 g256, block kernel", ours(lin, "fp4_e2m1", 256, "m2", True),
+            (GRAPHED + "FP4 E2M1 M2 g256", ours(lin, "fp4_e2m1", 256, "m2", False),
              ours_rtn(lin, "fp4_e2m1", 256, "m2"))]
     try:
         import llmcompressor  # noqa: F401
@@ -168,7 +193,9 @@ def main() -> None:
         rows.append({"implementation": name, "seconds": times, "median_s": statistics.median(times),
                      "error_vs_rtn": error(lin, qs) / error(lin, rtn)})
         print(json.dumps(rows[-1]), flush=True)
-    base = rows[0]["median_s"]
+    if args.profile:
+        profile(runs, args.out / f"gptq_profile_{args.shape}.txt")
+    peer_s = rows[-1]["median_s"] if rows[-1]["implementation"].startswith("llm-compressor") else None
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
               "linears": [(n, list(w.shape)) for n, w, _ in lin], "rows": args.rows, "group": args.group,
               "results": rows}
@@ -178,11 +205,12 @@ def main() -> None:
           f"Seven linears ({', '.join(f'{n} {s[0]}x{s[1]}' for n, s in report['linears'])}), random weights, "
           f"Hessians of {args.rows} random rows with log-normal channel magnitudes; torch {report['torch']}; "
           f"{args.repeats} timed runs after a warm-up. `tools/bench_gptq_peer.py`.", "",
-          "| implementation | seconds per layer (median, min..max) | vs fp-export INT4 | output error vs RTN |",
+          "| implementation | seconds per layer (median, min..max) | speed vs llm-compressor | output error vs RTN |",
           "|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['implementation']} | {r['median_s']:.2f} ({min(r['seconds']):.2f}..{max(r['seconds']):.2f})"
-                  f" | {r['median_s'] / base:.2f}x time | {r['error_vs_rtn']:.3f} |")
+        speed = "-" if peer_s is None else f"{peer_s / r['median_s']:.2f}x"
+        md.append(f"| {r['implementation']} | {r['median_s']:.3f} ({min(r['seconds']):.3f}..{max(r['seconds']):.3f})"
+                  f" | {speed} | {r['error_vs_rtn']:.3f} |")
     (args.out / f"gptq_peer_{args.shape}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md), flush=True)
 

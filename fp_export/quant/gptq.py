@@ -11,7 +11,10 @@ they are fixed up front from the unquantized weight ("static groups").
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -31,9 +34,8 @@ COLUMN_THREADS: int | None = 1
 # the same kernels on the same values; tests/test_gpu_quantize.py). False: eager, for debugging.
 CUDA_GRAPHS = True
 # On CUDA, run each block whose scales are fixed before its first column as one Triton kernel
-# (``quant.gptq_kernel``; bit-identical to the eager loop in Triton's interpreter on the CPU,
-# tests/test_gptq_kernel.py). Off until the same test and the timing have run on the H100.
-BLOCK_KERNEL = False
+# (``quant.gptq_kernel``; bit-identical to the eager and graphed loops, tests/test_gptq_kernel.py).
+BLOCK_KERNEL = True
 
 
 class HessianAccumulator:
@@ -64,10 +66,15 @@ class HessianAccumulator:
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float, name: str = "") -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, float32. ``H`` (float64) is
-    consumed: damped in place, then its storage holds the factors. Retries with tenfold damping
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 = U^T U, float32 [in, in].
+
+    Without forming the inverse: with J the reversal permutation, J H J = L L^T gives
+    H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper triangular; so one Cholesky factorization
+    and one triangular solve (half the work of factor, invert, factor again). ``H`` (float64) is
+    consumed: its storage holds the flipped, damped matrix, then L. Retries with tenfold damping
     while H is not positive definite; raises after ``MAX_DAMP_RETRIES``. Peak memory: two [in, in]
-    float64 matrices besides the float32 result (a 70B-shaped down_proj's is 6.1 GiB)."""
+    float64 matrices besides H (a 70B-shaped down_proj's are 6.1 GiB each)."""
+    H.copy_(torch.flip(H, (0, 1)))
     diag = torch.diag(H)
     mean_diag = torch.mean(diag)
     for attempt in range(MAX_DAMP_RETRIES + 1):
@@ -76,10 +83,9 @@ def inverse_cholesky(H: torch.Tensor, damp: float, name: str = "") -> torch.Tens
         if int(info) == 0:
             H.copy_(L)
             del L
-            inverse = torch.cholesky_inverse(H)
-            torch.linalg.cholesky(inverse, upper=True, out=H)
-            del inverse
-            return H.float()
+            inverse = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+            torch.linalg.solve_triangular(H, inverse, upper=False, out=inverse)
+            return inverse.float().flip(0, 1)
         del L
         if attempt < MAX_DAMP_RETRIES:
             log.warning("%s: Hessian not positive definite with damp %g; retrying with %g", name or "layer",
@@ -88,50 +94,112 @@ def inverse_cholesky(H: torch.Tensor, damp: float, name: str = "") -> torch.Tens
     raise ValueError(f"{name or 'layer'}: Hessian not positive definite even with damp {damp:g}")
 
 
+@dataclass(frozen=True)
+class Factor:
+    """What GPTQ needs of one Hessian [in, in]: ``hinv`` the upper Cholesky factor of its damped
+    inverse, float32 [in, in], rows and columns in processing order; ``perm`` that order (int64 [in],
+    act-order) or None (natural order); ``dead`` bool [in], the inputs no calibration row reached
+    (their weights are zeroed)."""
+
+    hinv: torch.Tensor
+    perm: torch.Tensor | None
+    dead: torch.Tensor
+
+
+def factor(hessian: torch.Tensor, damp: float, act_order: bool, name: str = "") -> Factor:
+    """``Factor`` of ``hessian`` (float64 [in, in], not modified). The last one is kept while its
+    Hessian tensor lives unmodified: linears fed the same input (q/k/v, gate/up; a grid's MoFQ
+    alternatives) share one factorization."""
+    key = (hessian._version, damp, act_order)
+    if _LAST and _LAST[0]() is hessian and _LAST[1] == key:
+        return _LAST[2]
+    _LAST.clear()  # the previous factor's memory is free before this one is computed
+    if not torch.isfinite(hessian).all():
+        raise ValueError(f"{name or 'layer'}: Hessian has NaN/Inf values (calibration activations overflowed?)")
+    H = hessian.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        H = H[perm][:, perm]
+    f = Factor(inverse_cholesky(H, damp, name), perm, dead)
+    _LAST[:] = [weakref.ref(hessian, lambda _ref: _LAST.clear()), key, f]
+    return f
+
+
+_LAST: list = []  # [weakref to the Hessian, (its version, damp, act_order), its Factor], or empty
+
+
 def gptq(w: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer, damp: float = 0.01,
          block_size: int = 128, act_order: bool = False, name: str = "") -> QuantizedWeight:
     """Quantize ``w`` [out, in] given ``hessian`` [in, in] (same device). Returns the codes and
     scales; its ``dequantize()`` is the weight the error feedback assumed, bit for bit. On a CUDA
-    device each block of columns runs as a replayed CUDA graph (``CUDA_GRAPHS``): the same
-    kernels on the same values as eager execution, without the per-operation launch cost."""
+    device each block of columns runs as one Triton kernel (``BLOCK_KERNEL``, blocks whose scales
+    are known when they start) or as a replayed CUDA graph (``CUDA_GRAPHS``): the same values as
+    eager execution, without the per-operation launch cost. No host synchronization per block."""
     W = w.detach().float().clone()
     if not torch.isfinite(W).all():
         raise ValueError(f"{name or 'layer'}: weight has {int((~torch.isfinite(W)).sum())} NaN/Inf values")
     out_f, in_f = W.shape
-    H = hessian.double().clone()
-    if not torch.isfinite(H).all():
-        raise ValueError(f"{name or 'layer'}: Hessian has NaN/Inf values (calibration activations overflowed?)")
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    f = factor(hessian, damp, act_order, name)
+    W[:, f.dead] = 0.0
     quantizer.begin(W)
     static = act_order or quantizer.group_size is None
     if static:
         quantizer.fit_all(W)
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else None
-    if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
-    Hinv = inverse_cholesky(H, damp, name)
-    del H
+    if f.perm is not None:
+        W = W[:, f.perm]
+    Hinv = f.hinv
 
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
-    order = perm.tolist() if perm is not None else range(in_f)
+    order = f.perm.tolist() if f.perm is not None else range(in_f)
+    bounds = [(i1, min(i1 + block_size, in_f)) for i1 in range(0, in_f, block_size)]
+    plans = [_plan(quantizer, order, static, i1, i2) for i1, i2 in bounds]
+    index = _Index(plans, quantizer, order, W.device)
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=W.device)  # in processing order
     graphed = W.is_cuda and CUDA_GRAPHS
-    kernel = W.is_cuda and BLOCK_KERNEL and block_size <= 128  # the kernel's register tile
-    for i1 in range(0, in_f, block_size):
-        i2 = min(i1 + block_size, in_f)
-        plan = _plan(quantizer, order, static, i1, i2)
-        slots = torch.tensor(plan.slots, dtype=torch.long, device=W.device)
-        args = (W[:, i1:i2], W[:, i2:i2 + plan.ahead], Hinv[i1:i2, i1:i2], quantizer, slots, plan)
+    kernel = BLOCK_KERNEL and block_size <= 128 and _kernel_runs_on(W.device)  # 128: the kernel's tile
+    if kernel:
+        from fp_export.quant import gptq_kernel  # imports triton
+        err = torch.empty(out_f, block_size, device=W.device)
+    for k, ((i1, i2), plan) in enumerate(zip(bounds, plans)):
         if kernel and plan.scales_before:
-            Err1, codes1, win = _kernel_block(*args)
+            Err1 = err[:, : i2 - i1]
+            if plan.fit[0]:
+                quantizer.fit_group(index.group_at[i1], W[:, i1 : i1 + plan.fit[0]])
+            gptq_kernel.quantize_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], quantizer, index.col_group[i1:i2], Err1,
+                                       codes[:, i1:i2])
         else:
+            slots = index.slots[k]
+            args = (W[:, i1:i2], W[:, i2 : i2 + plan.ahead], Hinv[i1:i2, i1:i2], quantizer, slots, plan)
             Err1, codes1, win = _graphed_block(*args) if graphed else _eager_block(*args)
-        if plan.fitted:
-            quantizer.store(win, slots, torch.tensor(plan.fitted, dtype=torch.long, device=W.device))
-        codes[:, slice(i1, i2) if perm is None else perm[i1:i2]] = codes1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            if plan.fitted:
+                quantizer.store(win, slots, index.fitted[k])
+            codes[:, i1:i2] = codes1
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # the lazy update of the columns after the block
+    if f.perm is not None:
+        codes = torch.empty_like(codes).index_copy_(1, f.perm, codes)
     return quantizer.result(codes)
+
+
+def _kernel_runs_on(device: torch.device) -> bool:
+    """The block kernel runs compiled on CUDA, and on the CPU in Triton's interpreter."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+    return device.type == "cuda" or interpreted
+
+
+class _Index:
+    """The device-side indices of a GPTQ run's blocks, moved to ``device`` in one copy: per block
+    ``slots`` and ``fitted`` (int64, the ``_BlockPlan``'s), and per column (processing order) its
+    quantizer group ``col_group`` (int32 [in], the kernel's); ``group_at`` the same on the host."""
+
+    def __init__(self, plans: list, quantizer: WeightQuantizer, order, device: torch.device):
+        self.group_at = [quantizer.group_of(c) for c in order]
+        parts = [list(p.slots) for p in plans] + [list(p.fitted) for p in plans]
+        flat = torch.tensor([v for part in parts for v in part] + self.group_at, dtype=torch.long)
+        flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat
+        pieces = flat.split([len(part) for part in parts] + [len(self.group_at)])
+        self.slots, self.fitted = pieces[: len(plans)], pieces[len(plans) : 2 * len(plans)]
+        self.col_group = pieces[-1].int()
 
 
 @dataclass(frozen=True)
@@ -177,20 +245,6 @@ def _eager_block(W1, ahead, Hinv1, quantizer, slots, plan):
     codes1 = torch.zeros(W1.shape, dtype=torch.uint8, device=W1.device)
     with _column_threads(W1.device):
         _quantize_block(W1, ahead, Err1, Hinv1, codes1, win, plan)
-    return Err1, codes1, win
-
-
-def _kernel_block(W1, ahead, Hinv1, quantizer, slots, plan):
-    """``_eager_block`` for a plan with ``scales_before``: the first column's group fit (if any) in
-    torch, then the column loop as one ``quant.gptq_kernel`` launch."""
-    from fp_export.quant.gptq_kernel import quantize_block
-
-    win = quantizer.window(slots)
-    _fit_at(win, W1, ahead, plan, 0)
-    Err1 = torch.empty(W1.shape, device=W1.device)
-    codes1 = torch.empty(W1.shape, dtype=torch.uint8, device=W1.device)
-    col_slot = torch.tensor(plan.col_slot, dtype=torch.int32, device=W1.device)
-    quantize_block(W1, Hinv1, win, col_slot, Err1, codes1)
     return Err1, codes1, win
 
 
@@ -275,7 +329,9 @@ def _quantize_block(W1, ahead, Err1, Hinv1, codes1, win, plan) -> None:
         c, q = win.quantize(W1[:, i : i + 1], g)
         codes1[:, i] = c[:, 0]
         err = (W1[:, i] - q[:, 0]) / Hinv1[i, i]
-        W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
+        # an elementwise outer product, not a K=1 matmul: one rounding per element on every backend
+        # (cuBLAS adds the product to a +0 accumulator, which turns a -0 product into +0)
+        W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
         Err1[:, i] = err
 
 

@@ -83,8 +83,8 @@ def _round_encode(x, IS_INT: tl.constexpr, BITS: tl.constexpr, MAXV: tl.constexp
 
 
 @triton.jit
-def _gptq_block(W, Err, Codes, Hinv, Scale, Exp, RowScale, Slot, out_f,
-                stride_w, stride_e, stride_c, stride_h, stride_s,
+def _gptq_block(W, Err, Codes, Hinv, Scale, Exp, RowScale, Group, out_f,
+                stride_w, stride_e, stride_c, stride_h, stride_s, stride_x,
                 b: tl.constexpr, ROWS: tl.constexpr, B: tl.constexpr, IS_INT: tl.constexpr, BITS: tl.constexpr,
                 MAXV: tl.constexpr, MBITS: tl.constexpr, MIN_EXP: tl.constexpr, BIAS: tl.constexpr,
                 CONSTRAINT: tl.constexpr):
@@ -99,13 +99,13 @@ def _gptq_block(W, Err, Codes, Hinv, Scale, Exp, RowScale, Slot, out_f,
         row_scale = tl.load(RowScale + r, mask=rm, other=1.0)
     for i in range(b):
         col = tl.max(tl.where(c[None, :] == i, w, float("-inf")), axis=1)
-        g = tl.load(Slot + i)
+        g = tl.load(Group + i)
         s = tl.load(Scale + r * stride_s + g, mask=rm, other=1.0)
         code, q = _round_encode(tl.div_rn(col, s), IS_INT, BITS, MAXV, MBITS, MIN_EXP, BIAS)
         if CONSTRAINT == 0:
             dq = q * s
         else:  # ldexp(q, e) in two exact steps, then (M2) times the row scale
-            e = tl.load(Exp + r * stride_s + g, mask=rm, other=0).to(tl.int32)
+            e = tl.load(Exp + r * stride_x + g, mask=rm, other=0).to(tl.int32)
             half = e >> 1
             dq = q * _pow2(half) * _pow2(e - half)
             if CONSTRAINT == 2:
@@ -119,23 +119,22 @@ def _gptq_block(W, Err, Codes, Hinv, Scale, Exp, RowScale, Slot, out_f,
     tl.store(Codes + r[:, None] * stride_c + c[None, :], code_t.to(tl.uint8), mask=m)
 
 
-def quantize_block(W1: torch.Tensor, Hinv1: torch.Tensor, win: WeightQuantizer, col_slot: torch.Tensor,
+def quantize_block(W1: torch.Tensor, Hinv1: torch.Tensor, quantizer: WeightQuantizer, col_group: torch.Tensor,
                    Err1: torch.Tensor, codes1: torch.Tensor) -> None:
-    """The column loop of one GPTQ block with every scale already in ``win``: W1 [out, b <= COLUMNS] float32
-    (row-major columns, read only), Hinv1 [b, b] float32, ``col_slot`` int32 [b] each column's
-    window group; writes Err1 [out, b] float32 and codes1 [out, b] uint8 (contiguous)."""
+    """The column loop of one GPTQ block whose scales are all in ``quantizer`` already: W1 [out, b <= COLUMNS]
+    float32 (read only), Hinv1 [b, b] float32, ``col_group`` int32 [b] each column's group in the
+    quantizer's tables; writes Err1 [out, b] float32 and codes1 [out, b] uint8. Any row strides;
+    unit column strides."""
     out_f, b = W1.shape
-    contiguous = Err1.is_contiguous() and codes1.is_contiguous()
-    if b > COLUMNS or W1.stride(1) != 1 or Hinv1.stride(1) != 1 or not contiguous:
+    if b > COLUMNS or any(t.stride(1) != 1 for t in (W1, Hinv1, Err1, codes1)):
         raise ValueError(f"block of {b} columns with strides {W1.stride()}, {Hinv1.stride()}: not supported")
-    fmt = win.fmt
-    scale = win.scale.contiguous()
-    exp = scale if win.exp is None else win.exp.contiguous()
-    row_scale = scale if win.ref.row_scale is None else win.ref.row_scale
+    fmt, scale = quantizer.fmt, quantizer.scale
+    exp = scale if quantizer.exp is None else quantizer.exp
+    row_scale = scale if quantizer.ref.row_scale is None else quantizer.ref.row_scale
     _gptq_block[(triton.cdiv(out_f, ROWS),)](
-        W1, Err1, codes1, Hinv1, scale, exp, row_scale, col_slot, out_f,
-        W1.stride(0), Err1.stride(0), codes1.stride(0), Hinv1.stride(0), scale.stride(0),
+        W1, Err1, codes1, Hinv1, scale, exp, row_scale, col_group, out_f,
+        W1.stride(0), Err1.stride(0), codes1.stride(0), Hinv1.stride(0), scale.stride(0), exp.stride(0),
         b=b, ROWS=ROWS, B=COLUMNS, IS_INT=fmt.kind == "int", BITS=fmt.bits, MAXV=fmt.max, MBITS=fmt.mbits,
         MIN_EXP=fmt.min_normal_exp, BIAS=fmt.bias,
-        CONSTRAINT=_CONSTRAINT[win.constraint], enable_fp_fusion=False,
+        CONSTRAINT=_CONSTRAINT[quantizer.constraint], enable_fp_fusion=False,
     )
