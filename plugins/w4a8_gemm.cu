@@ -23,6 +23,17 @@ namespace {
 
 constexpr int WARPS = 4;  // 16-row tiles per CTA (one per warp)
 
+// Offline-tuned constants (tools/sweep_w4a8.py builds variants with -D and times them on L2-cold
+// weights; benchmarks/w4a8_config.md): 128-wide K chunks loaded ahead per warp at 8 tokens, and the
+// CTAs per multiprocessor the register allocation must allow. On the H100 no variant of
+// {4, 6, 8} x {1, 4, 6} beats 4 x 1: deeper unrolling or a register cap lowers occupancy or spills.
+#ifndef FPX_UNROLL1
+#define FPX_UNROLL1 4
+#endif
+#ifndef FPX_MIN_BLOCKS
+#define FPX_MIN_BLOCKS 1
+#endif
+
 __device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -33,11 +44,11 @@ __device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1
 
 template <int NT>
 struct Unroll {
-  static constexpr int value = NT == 1 ? 4 : (NT == 2 ? 4 : (NT == 4 ? 2 : 1));
+  static constexpr int value = NT == 1 ? FPX_UNROLL1 : (NT == 2 ? 4 : (NT == 4 ? 2 : 1));
 };
 
 template <int NT, int SUB>
-__global__ void __launch_bounds__(WARPS * 32) w4a8_gemm_kernel(
+__global__ void __launch_bounds__(WARPS * 32, FPX_MIN_BLOCKS) w4a8_gemm_kernel(
     const uint4* __restrict__ wt, const int8_t* __restrict__ st, const uint8_t* __restrict__ a,
     const float* __restrict__ a_scale, const float* __restrict__ w_scale, const float* __restrict__ bias,
     const float* __restrict__ lorc_t, const float* __restrict__ lorc_u, int lorc_rank, void* __restrict__ out,

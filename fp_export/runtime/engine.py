@@ -8,9 +8,10 @@ Linear kinds (one engine, so ratios compare kernels, not Python):
 - "reference": any other quantized layer (INT grids, static activation scales, ...) runs its own
   ``QuantLinear`` forward in float32 (correct, not fast).
 q/k/v and gate/up share their input: each group is one GEMM (rows concatenated; LoRC factors
-stacked block-diagonally), fed by ``fused_quant.rmsnorm_quant`` (RMSNorm -> FP8 + token scales in
-one kernel); the down projection is fed by ``fused_quant.silu_mul_quant``. Bias and LoRC run in the
-W4A8 kernel's epilogue.
+stacked block-diagonally), fed by ``fused_quant.add_rmsnorm_quant`` (residual add, RMSNorm -> FP8 +
+token scales in one kernel; ``fused_quant.rmsnorm`` for BF16); the down projection is fed by
+``fused_quant.silu_mul_quant``. Bias and LoRC run in the W4A8 kernel's epilogue. RoPE and the K/V
+cache writes are one kernel (``runtime.rope_cache``); the attention mask is built once per step.
 
 Entry point for ``fp_export.generate`` on CUDA: ``generate_cuda`` (signature as the public API).
 """
@@ -175,17 +176,26 @@ class DecodeEngine:
         self.pool = None
 
     # --- model pieces -------------------------------------------------------------------------
-    def _norm_then(self, x: torch.Tensor, w: torch.Tensor, lins: list[Linear]) -> torch.Tensor:
-        if all(li.quantized for li in lins):
-            from fp_export.runtime.fused_quant import rmsnorm_quant
+    def _norm_then(self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor,
+                   lins: list[Linear]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add h + delta (none before the first layer), its RMSNorm and the linears
+        fed by it, the add and norm as one kernel (with the FP8 token quantization when every
+        linear takes FP8). -> (the new residual stream, the linears' outputs concatenated)."""
+        from fp_export.runtime.fused_quant import add_rmsnorm_quant, rmsnorm, rmsnorm_quant
 
-            q, s = rmsnorm_quant(x, w, self.eps)
+        if all(li.quantized for li in lins):
+            if delta is None:
+                q, s = rmsnorm_quant(h, w, self.eps)
+            else:
+                h, q, s = add_rmsnorm_quant(h, delta, w, self.eps)
             ys = [li(q=q, s=s) for li in lins]
         else:
-            xf = x.float()
-            xn = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(torch.bfloat16) * w
+            if delta is None:
+                xn = rmsnorm(h, w, self.eps)
+            else:
+                h, xn = rmsnorm(h, w, self.eps, delta)
             ys = [li(x=xn) for li in lins]
-        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+        return h, ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 
     def _mlp_down(self, gu: torch.Tensor, down: Linear) -> torch.Tensor:
         i = gu.shape[-1] // 2
@@ -200,32 +210,25 @@ class DecodeEngine:
         """ids [B, T], pos0 int64 [1] (position of ids[:, 0]); ``length``: None for a prefill from
         position 0 (causal attention over the prompt), else the attention-length bucket of a
         decode step (T = 1). -> logits float32 [B, V] of the last position."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        from fp_export.runtime.rope_cache import rope_cache
 
         b, t = ids.shape
         h = F.embedding(ids, self.embed).view(b * t, -1)
         pos = pos0 + torch.arange(t, device=self.dev)
         cos, sin = self.rotary(h.view(b, t, -1), pos[None].expand(b, t))
         kc, vc = self.cache
+        span = t if length is None else length
+        mask = None if length is None else (torch.arange(length, device=self.dev) <= pos0)[None, None, None, :]
+        delta = None
         for li, L in enumerate(self.layers):
-            qkv = self._norm_then(h, L["ln1"], L["qkv"])
-            q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
-            q = q.view(b, t, self.nh, self.hd).transpose(1, 2)
-            k = k.reshape(b, t, self.nkv, self.hd).transpose(1, 2)
-            v = v.reshape(b, t, self.nkv, self.hd).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            kc[li, :b].index_copy_(2, pos, k.to(kc.dtype))
-            vc[li, :b].index_copy_(2, pos, v.to(vc.dtype))
-            if length is None:
-                a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.nkv != self.nh)
-            else:
-                mask = (torch.arange(length, device=self.dev) <= pos0)[None, None, None, :]
-                a = F.scaled_dot_product_attention(q, kc[li, :b, :, :length], vc[li, :b, :, :length], attn_mask=mask,
-                                                   enable_gqa=self.nkv != self.nh)
-            h = h + L["o"](x=a.transpose(1, 2).reshape(b * t, -1))
-            gu = self._norm_then(h, L["ln2"], L["gu"])
-            h = h + self._mlp_down(gu, L["down"])
-        last = h.view(b, t, -1)[:, -1]
+            h, qkv = self._norm_then(h, delta, L["ln1"], L["qkv"])
+            q = rope_cache(qkv, cos, sin, pos0, kc[li], vc[li], b, self.nh, self.nkv)
+            a = F.scaled_dot_product_attention(q, kc[li, :b, :, :span], vc[li, :b, :, :span], attn_mask=mask,
+                                               is_causal=length is None, enable_gqa=self.nkv != self.nh)
+            delta = L["o"](x=a.transpose(1, 2).reshape(b * t, -1))
+            h, gu = self._norm_then(h, delta, L["ln2"], L["gu"])
+            delta = self._mlp_down(gu, L["down"])
+        last = (h + delta).view(b, t, -1)[:, -1]
         xf = last.float()
         xn = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(torch.bfloat16) * self.norm_w
         return F.linear(xn, self.lm_head).float()

@@ -3,7 +3,9 @@
 
 - ``rmsnorm_quant``: LLaMA RMSNorm (bf16 in/out semantics of Hugging Face ``LlamaRMSNorm``:
   normalize in float32, round to bf16, multiply by the bf16 weight, round to bf16) followed by the
-  token quantizer, in one pass over the row;
+  token quantizer, in one pass over the row; ``add_rmsnorm_quant`` adds the residual first (the
+  sum rounded to bf16 and stored); ``rmsnorm``, the same norm (and add) without quantization, for
+  the BF16 engine;
 - ``silu_mul_quant``: SiLU(gate) * up in bf16 semantics (each op rounded to bf16, as eager
   PyTorch does) followed by the token quantizer;
 - ``quantize_rows``: the token quantizer alone (one pass while the row fits in registers).
@@ -24,6 +26,15 @@ MAX_ROW = 32768  # rows up to this length are held in registers (one program per
 
 
 @triton.jit
+def round_bf16(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even), as float32; by its bits, so that
+    Triton's interpreter rounds as the GPU does (finite x)."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _quant_store(y, offs, ok, q_ptr, s_ptr, row, stride_q, FMAX: tl.constexpr):
     amax = tl.max(tl.where(ok, tl.abs(y), 0.0), axis=0)
     s = tl.math.div_rn(tl.where(amax > 0, amax, 1.0), FMAX)
@@ -33,19 +44,24 @@ def _quant_store(y, offs, ok, q_ptr, s_ptr, row, stride_q, FMAX: tl.constexpr):
 
 
 @triton.jit
-def _rmsnorm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, y_ptr, H, eps, stride_x, stride_q, stride_y,
-                          FMAX: tl.constexpr, BLOCK: tl.constexpr, WRITE_Y: tl.constexpr):
+def _rmsnorm_kernel(x_ptr, d_ptr, w_ptr, h_ptr, q_ptr, s_ptr, y_ptr, H, eps, stride_x, stride_d, stride_h, stride_q,
+                    stride_y, FMAX: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr, QUANT: tl.constexpr,
+                    WRITE_Y: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < H
     x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    if ADD:  # the residual add, rounded to bf16 as eager PyTorch does, then stored
+        x = round_bf16(x + tl.load(d_ptr + row * stride_d + offs, mask=ok, other=0.0).to(tl.float32))
+        tl.store(h_ptr + row * stride_h + offs, x.to(tl.bfloat16), mask=ok)
     var = tl.sum(x * x, axis=0) / H
-    h = (x * tl.math.rsqrt(var + eps)).to(tl.bfloat16)
-    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.bfloat16)
-    y = (h.to(tl.float32) * w.to(tl.float32)).to(tl.bfloat16).to(tl.float32)
+    h = round_bf16(x * tl.math.rsqrt(var + eps))
+    w = round_bf16(tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32))
+    y = round_bf16(h * w)
     if WRITE_Y:
         tl.store(y_ptr + row * stride_y + offs, y.to(tl.bfloat16), mask=ok)
-    _quant_store(y, offs, ok, q_ptr, s_ptr, row, stride_q, FMAX)
+    if QUANT:
+        _quant_store(y, offs, ok, q_ptr, s_ptr, row, stride_q, FMAX)
 
 
 @triton.jit
@@ -55,9 +71,9 @@ def _silu_mul_quant_kernel(g_ptr, u_ptr, q_ptr, s_ptr, H, stride_g, stride_u, st
     offs = tl.arange(0, BLOCK)
     ok = offs < H
     g = tl.load(g_ptr + row * stride_g + offs, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * stride_u + offs, mask=ok, other=0.0).to(tl.bfloat16)
-    a = (g / (1.0 + tl.exp(-g))).to(tl.bfloat16)
-    y = (a.to(tl.float32) * u.to(tl.float32)).to(tl.bfloat16).to(tl.float32)
+    u = round_bf16(tl.load(u_ptr + row * stride_u + offs, mask=ok, other=0.0).to(tl.float32))
+    a = round_bf16(g / (1.0 + tl.exp(-g)))
+    y = round_bf16(a * u)
     _quant_store(y, offs, ok, q_ptr, s_ptr, row, stride_q, FMAX)
 
 
@@ -85,13 +101,35 @@ def _warps(block: int) -> int:
 def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, return_norm: bool = False):
     """x bf16 [M, H], weight [H] -> (q float8_e4m3fn [M, H], s float32 [M]) (+ the bf16 norm [M, H]
     when ``return_norm``)."""
-    m, h = x.shape
-    q, s = _alloc(m, h, x.device)
-    y = torch.empty(m, h, dtype=torch.bfloat16, device=x.device) if return_norm else q
-    block = triton.next_power_of_2(h)
-    _rmsnorm_quant_kernel[(m,)](x, weight, q, s, y, h, eps, x.stride(0), q.stride(0), y.stride(0), FMAX=FP8_MAX,
-                                BLOCK=block, WRITE_Y=return_norm, num_warps=_warps(block))
+    _, q, s, y = _rmsnorm(x, None, weight, eps, quant=True, norm=return_norm)
     return (q, s, y) if return_norm else (q, s)
+
+
+def add_rmsnorm_quant(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The residual add and ``rmsnorm_quant`` in one pass: x, delta bf16 [M, H] -> (x + delta bf16
+    [M, H], q float8_e4m3fn [M, H], s float32 [M]) of the sum's norm."""
+    h, q, s, _ = _rmsnorm(x, delta, weight, eps, quant=True, norm=False)
+    return h, q, s
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None):
+    """LLaMA RMSNorm of x (+ ``delta``) bf16 [M, H] -> the bf16 norm [M, H]; with ``delta``
+    (x + delta, the norm of the sum)."""
+    h, _, _, y = _rmsnorm(x, delta, weight, eps, quant=False, norm=True)
+    return y if delta is None else (h, y)
+
+
+def _rmsnorm(x, delta, weight, eps, quant: bool, norm: bool):
+    m, h = x.shape
+    q, s = _alloc(m, h, x.device) if quant else (x, x)
+    y = torch.empty(m, h, dtype=torch.bfloat16, device=x.device) if norm else x
+    out = torch.empty(m, h, dtype=torch.bfloat16, device=x.device) if delta is not None else x
+    d = x if delta is None else delta
+    block = triton.next_power_of_2(h)
+    _rmsnorm_kernel[(m,)](x, d, weight, out, q, s, y, h, eps, x.stride(0), d.stride(0), out.stride(0), q.stride(0),
+                          y.stride(0), FMAX=FP8_MAX, BLOCK=block, ADD=delta is not None, QUANT=quant, WRITE_Y=norm,
+                          num_warps=_warps(block))
+    return out, (q if quant else None), (s if quant else None), (y if norm else None)
 
 
 def silu_mul_quant(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

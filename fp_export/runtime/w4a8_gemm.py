@@ -145,9 +145,10 @@ def reference(a_codes: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, lorc_
 # CUDA library
 
 
-def build_library(out_dir: Path = PLUGINS / "build") -> Path:
-    """Compile ``w4a8_gemm.cu`` into ``out_dir/libfp_export_w4a8.so``."""
-    return compile_cuda("w4a8_gemm.cu", LIB_NAME, out_dir, W4A8Unavailable)
+def build_library(out_dir: Path = PLUGINS / "build", defines: dict[str, int] | None = None) -> Path:
+    """Compile ``w4a8_gemm.cu`` into ``out_dir/libfp_export_w4a8.so`` (``defines``: its tuning
+    macros, for ``tools/sweep_w4a8.py``; the committed defaults otherwise)."""
+    return compile_cuda("w4a8_gemm.cu", LIB_NAME, out_dir, W4A8Unavailable, defines)
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,121 @@
+"""Offline tuning of the W4A8 few-token kernel (``plugins/w4a8_gemm.cu``, issue 10) on one GPU.
+
+Builds the kernel once per variant of its tuning macros (``FPX_UNROLL1``: 128-wide K chunks each
+warp loads ahead at up to 8 tokens; ``FPX_MIN_BLOCKS``: CTAs per multiprocessor the register
+allocation must allow), in parallel, then times each variant in its own process: M in ``--ms`` on
+the decode shapes, over split-K counts around the committed rule (``w4a8_gemm.default_splits``),
+weights L2-cold (rotated copies), each call inside a CUDA graph, median of 3 runs
+(``tools/bench_common.py``). Writes ``<out>/w4a8_config.json`` and ``.md``: per variant and shape
+the best split count and its time, against the committed build in the same run.
+
+    PYTHONPATH=$PWD python tools/sweep_w4a8.py --out benchmarks
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+SHAPES = {"K=N=8192": (8192, 8192), "7B qkv": (12288, 4096), "7B o": (4096, 4096), "7B gate_up": (22016, 4096),
+          "7B down": (4096, 11008), "70B down": (8192, 28672)}
+UNROLL = (4, 6, 8)
+MIN_BLOCKS = (1, 4, 6)
+
+
+def child(ms: list[int]) -> None:
+    """Time the library named by FP_EXPORT_W4A8_LIB; one JSON line per (shape, M, splits)."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_common import copies_for, graph_time_us, spread
+    from bench_kernels import random_weight
+
+    from fp_export.runtime import w4a8_gemm as W
+    from fp_export.runtime.fused_quant import quantize_rows
+
+    dev = "cuda"
+    torch.manual_seed(0)
+    for name, (n, k) in SHAPES.items():
+        ws = [random_weight(n, k, dev) for _ in range(copies_for(n * k // 2))]
+        for m in ms:
+            xq, xs = quantize_rows(torch.randn(m, k, device=dev, dtype=torch.bfloat16))
+            base = W.default_splits(m, n, k)
+            for splits in sorted({max(1, base // 2), base, min(base * 2, ws[0].kc)}):
+                W.gemm(xq, xs, ws[0], splits=splits)  # sizes the workspace before capture
+                t, runs = graph_time_us([lambda w=w: W.gemm(xq, xs, w, splits=splits) for w in ws])
+                print(json.dumps({"shape": name, "N": n, "K": k, "M": m, "splits": splits, "default": splits == base,
+                                  "us": t, "spread": spread(runs)}), flush=True)
+        del ws
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks"))
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/sweep_w4a8"))
+    ap.add_argument("--ms", default="1,4,16")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    ms = [int(m) for m in args.ms.split(",")]
+    if args.child:
+        return child(ms)
+    import torch
+
+    from fp_export.runtime.w4a8_gemm import build_library
+
+    variants = [None] + [{"FPX_UNROLL1": u, "FPX_MIN_BLOCKS": b} for u, b in itertools.product(UNROLL, MIN_BLOCKS)]
+    names = ["committed"] + [f"U{v['FPX_UNROLL1']}_B{v['FPX_MIN_BLOCKS']}" for v in variants[1:]]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        libs = list(pool.map(lambda nv: build_library(args.workdir / nv[0], nv[1]), zip(names, variants)))
+    rows = []
+    for name, v, lib in zip(names, variants, libs):
+        env = {**os.environ, "FP_EXPORT_W4A8_LIB": str(lib)}
+        r = subprocess.run([sys.executable, __file__, "--child", "--ms", args.ms], env=env, capture_output=True,
+                           text=True)
+        if r.returncode:
+            print(f"{name}: failed\n{r.stderr[-2000:]}", flush=True)
+            continue
+        for line in r.stdout.splitlines():
+            rows.append({"variant": name, "defines": v, **json.loads(line)})
+        print(f"{name}: {len(r.stdout.splitlines())} timings", flush=True)
+    best: dict = {}
+    for r in rows:
+        key = (r["variant"], r["shape"], r["M"])
+        if key not in best or r["us"] < best[key]["us"]:
+            best[key] = r
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "w4a8_config.json").write_text(json.dumps(report, indent=1) + "\n")
+    shapes = list(SHAPES)
+    md = [f"# W4A8 few-token kernel: tuning sweep on {report['device']}", "",
+          "`tools/sweep_w4a8.py`: each variant built with its macros and timed in its own process (L2-cold weights, "
+          "CUDA graphs, median of 3 runs); per shape and M the best split count's time in us, and in brackets the "
+          "time at the committed split rule. Ratio: committed build's best / the variant's best, geometric mean.", "",
+          "| variant | " + " | ".join(f"{s} M={m}" for s in shapes for m in ms) + " | ratio |",
+          "|---|" + "---|" * (len(shapes) * len(ms) + 1)]
+    for name in names:
+        cells, ratios = [], []
+        for s in shapes:
+            for m in ms:
+                b, c = best.get((name, s, m)), best.get(("committed", s, m))
+                d = next((r for r in rows if r["variant"] == name and r["shape"] == s and r["M"] == m and r["default"]),
+                         None)
+                cells.append("-" if b is None else f"{b['us']:.1f} ({d['us']:.1f})" if d else f"{b['us']:.1f}")
+                if b and c:
+                    ratios.append(c["us"] / b["us"])
+        gm = 1.0
+        for x in ratios:
+            gm *= x ** (1 / len(ratios)) if ratios else 1
+        md.append(f"| {name} | " + " | ".join(cells) + f" | {gm:.3f}x |")
+    (args.out / "w4a8_config.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md), flush=True)
+
+
+if __name__ == "__main__":
+    main()
