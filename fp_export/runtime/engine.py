@@ -11,7 +11,8 @@ q/k/v and gate/up share their input: each group is one GEMM (rows concatenated; 
 stacked block-diagonally), fed by ``fused_quant.add_rmsnorm_quant`` (residual add, RMSNorm -> FP8 +
 token scales in one kernel; ``fused_quant.rmsnorm`` for BF16); the down projection is fed by
 ``fused_quant.silu_mul_quant``. Bias and LoRC run in the W4A8 kernel's epilogue. RoPE and the K/V
-cache writes are one kernel (``runtime.rope_cache``); the attention mask is built once per step.
+cache writes are one kernel (``runtime.rope_cache``); the attention mask is built once per step (additive,
+so that attention does not convert a boolean mask in every layer).
 
 Entry point for ``fp_export.generate`` on CUDA: ``generate_cuda`` (signature as the public API).
 """
@@ -218,7 +219,11 @@ class DecodeEngine:
         cos, sin = self.rotary(h.view(b, t, -1), pos[None].expand(b, t))
         kc, vc = self.cache
         span = t if length is None else length
-        mask = None if length is None else (torch.arange(length, device=self.dev) <= pos0)[None, None, None, :]
+        mask = None  # decode: the slots up to pos0, as an additive bf16 mask built once for all layers
+        if length is not None:
+            seen = torch.arange(length, device=self.dev) <= pos0
+            mask = torch.zeros(length, dtype=torch.bfloat16, device=self.dev).masked_fill_(~seen, float("-inf"))
+            mask = mask[None, None, None, :]
         delta = None
         for li, L in enumerate(self.layers):
             h, qkv = self._norm_then(h, delta, L["ln1"], L["qkv"])

@@ -202,11 +202,12 @@ def workspace(device: torch.device) -> _Workspace:
 
 def default_splits(m: int, n: int, k: int, sms: int = 132) -> int:
     """K splits of the small-M kernel: about ``CTAS_PER_SM`` CTAs (4 warps = 64 weight rows each)
-    per multiprocessor, at least ``MIN_CHUNKS`` 128-wide K chunks per split. Fixed rule, fitted to
-    the H100 sweep of benchmarks/w4a8_sweep.json (L2-cold weights, splits 1..32)."""
+    per multiprocessor, half as many at 9-16 tokens (that variant holds two token tiles and fits
+    fewer CTAs), at least ``MIN_CHUNKS`` 128-wide K chunks per split. Fixed rule, fitted to the H100
+    sweeps of benchmarks/w4a8_sweep.json and benchmarks/w4a8_config.json (L2-cold weights)."""
     ctas = -(-n // (TILE_N * 4))
     kc = -(-k // CHUNK_K)
-    want = max(1, (CTAS_PER_SM * sms) // ctas)
+    want = max(1, ((CTAS_PER_SM // 2 if 8 < m <= 16 else CTAS_PER_SM) * sms) // ctas)
     return max(1, min(want, kc // MIN_CHUNKS if kc >= MIN_CHUNKS else 1, 64))
 
 
