@@ -324,8 +324,10 @@ def _quantize_block(W1, ahead, Err1, Hinv1, codes1, win, plan) -> None:
     [out, b] the block (updated), ``ahead`` [out, plan.ahead] the columns after it, Err1 [out, b]
     the scaled errors, codes1 [out, b] uint8, ``win`` the quantizer window of ``plan``."""
     for i in range(W1.shape[1]):
-        g = plan.col_slot[i]
-        _fit_at(win, W1, ahead, plan, i)
+        g, width = plan.col_slot[i], plan.fit[i]
+        if width:  # the group's columns from i on: in the block, then in ``ahead`` past it
+            inside = min(width, W1.shape[1] - i)
+            win.fit_group(g, torch.cat([W1[:, i : i + inside], ahead[:, : width - inside]], dim=1))
         c, q = win.quantize(W1[:, i : i + 1], g)
         codes1[:, i] = c[:, 0]
         err = (W1[:, i] - q[:, 0]) / Hinv1[i, i]
@@ -334,11 +336,3 @@ def _quantize_block(W1, ahead, Err1, Hinv1, codes1, win, plan) -> None:
         W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
         Err1[:, i] = err
 
-
-def _fit_at(win, W1, ahead, plan, i: int) -> None:
-    """Fit the window group of column ``i`` when the plan fits it there: from the group's columns
-    in the block W1 [out, b] from ``i`` on, then in ``ahead`` [out, plan.ahead] past the block."""
-    width = plan.fit[i]
-    if width:
-        inside = min(width, W1.shape[1] - i)
-        win.fit_group(plan.col_slot[i], torch.cat([W1[:, i : i + inside], ahead[:, : width - inside]], dim=1))
