@@ -211,6 +211,7 @@ class DecodeEngine:
         """ids [B, T], pos0 int64 [1] (position of ids[:, 0]); ``length``: None for a prefill from
         position 0 (causal attention over the prompt), else the attention-length bucket of a
         decode step (T = 1). -> logits float32 [B, V] of the last position."""
+        from fp_export.runtime.fused_quant import rmsnorm
         from fp_export.runtime.rope_cache import rope_cache
 
         b, t = ids.shape
@@ -233,9 +234,7 @@ class DecodeEngine:
             delta = L["o"](x=a.transpose(1, 2).reshape(b * t, -1))
             h, gu = self._norm_then(h, delta, L["ln2"], L["gu"])
             delta = self._mlp_down(gu, L["down"])
-        last = (h + delta).view(b, t, -1)[:, -1]
-        xf = last.float()
-        xn = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(torch.bfloat16) * self.norm_w
+        _, xn = rmsnorm(h.view(b, t, -1)[:, -1], self.norm_w, self.eps, delta.view(b, t, -1)[:, -1])
         return F.linear(xn, self.lm_head).float()
 
     # --- cache, graphs ------------------------------------------------------------------------
