@@ -1,6 +1,6 @@
 // fp-export: the shift-based FP4 -> FP8 cast kernel (integer operations only).
 //
-// The table and PRMT decode live in fp4_cast.cuh (shared with the W4A8 GEMM).
+// The table and PRMT decode live in fp4_cast.cuh.
 #include "fp4_to_fp8.h"
 
 #include <algorithm>

@@ -1,129 +1,246 @@
-// fp-export: W4A8 GEMM for few tokens on Hopper (sm_90) tensor cores, mma.sync m16n8k32 E4M3.
+// fp-export: W4A8 GEMM for few tokens on Hopper (sm_90) tensor cores.
 //
-// C^T = W A^T: the weights are the MMA's 16-row side (16 output channels per warp), the tokens its
-// 8-column side (NT tiles of 8 tokens). Weights arrive pre-shuffled (fp_export/runtime/w4a8_gemm.py,
-// ``prepare``): for each 16-row tile and 128-wide K chunk, 1 KB in which lane L = 4g + t holds, as
-// two 16-byte vectors, the 32 codes k = 128c + 32t .. +31 of rows g and g + 8 (standard nibble
-// packing), so a warp's two loads are 512 contiguous bytes each. The shifts of the chunk are
-// 16 x SUB bytes (SUB = 1, 2 or 4 shifts per row per chunk: groups of >= 128, 64, 32 codes).
-// Decode: PRMT table lookup (fp4_cast.cuh), no arithmetic on values. A lane's logical K slice
-// 32t .. 32t + 31 maps onto MMA k positions (4t + i, 16 + 4t + i) of four MMA steps, and the
-// activations are loaded with the same map, so the products pair up exactly.
+// C^T = W A^T: the weights are the 16-row side of mma.sync m16n8k16 (FP16 inputs, FP32
+// accumulation; 16 output channels per warp), the tokens its 8-column side (NT tiles of 8 tokens).
+// sm_90 has no FP8 mma.sync (only wgmma): an E4M3 mma.sync compiles to FP8 -> FP16 conversions and
+// FP16 HMMAs, so the kernel decodes the FP4 codes straight to FP16 and converts the activations
+// (E4M3 -> FP16 is exact) itself.
+//
+// Decode (no table, no arithmetic on values): an E2M1 code s|e1 e0 m placed as FP16 bits
+// s << 15 | (e1 e0 m) << 9 is the code's value times 2^-14 exactly (E2M1's subnormal 0.5 lands on
+// FP16's subnormals), so a code pair becomes an FP16x2 register with a shift and a mask. The
+// group's power of two 2^shift and the 2^14 multiply the FP32 partial sum of each 32-code group
+// (exact), before it is added to the accumulator.
+//
+// Layout (fp_export/runtime/w4a8_gemm.py, ``prepare``): for each 16-row tile and 128-wide K chunk,
+// 1 KB in which lane L = 4g + t holds two 16-byte vectors, rows g and g + 8; word j (0..3) of a
+// vector holds the 8 codes k = 128c + 32j + 8t + i (i = 0..7) with code i's 3 magnitude bits and
+// sign bit at (MAG_AT[i], SIGN_AT[i]), chosen so that codes (0,1), (2,3), (4,5), (6,7) decode with
+// shifts of 0, 3, 6 (sign 1) and 9 (sign 2) bits and one mask each (``decode``). MMA j, h (two per
+// word) takes the lane's codes 4h .. 4h + 3 of word j and the same four activations: every MMA
+// lies inside one 32-code group. The shifts of a chunk are 16 x SUB bytes (SUB = 1, 2 or 4 shifts
+// per row per chunk: groups of >= 128, 64, 32 codes).
+//
+// Each warp (one 16-row tile; 4 per CTA) streams its weights, shifts and activations through its
+// own ring of shared-memory stages with cp.async (weights with the L2 evict-first policy), so the
+// copies of several K chunks are in flight while one is decoded and multiplied.
 // K is split over gridDim.y CTAs; partial sums go to a workspace and the last CTA of each column
 // block (an arrival counter, reset by that CTA) adds them in split order: deterministic.
 #include "w4a8_gemm.h"
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <algorithm>
-
-#include "fp4_cast.cuh"
 
 namespace {
 
 constexpr int WARPS = 4;  // 16-row tiles per CTA (one per warp)
 
 // Offline-tuned constants (tools/sweep_w4a8.py builds variants with -D and times them on L2-cold
-// weights; benchmarks/w4a8_config.md): 128-wide K chunks loaded ahead per warp at 8 tokens, and the
-// CTAs per multiprocessor the register allocation must allow. On the H100 no variant of
-// {4, 6, 8} x {1, 4, 6} beats 4 x 1: deeper unrolling or a register cap lowers occupancy or spills.
-#ifndef FPX_UNROLL1
-#define FPX_UNROLL1 4
+// weights; benchmarks/w4a8_config.md): pipeline stages (128-wide K chunks in flight per warp) at up
+// to 16 tokens; whether each warp starts at a different chunk of its K range (FPX_ROTATE: on the
+// H100, 1.10x at equal stages: warps that all read the same offset of their tiles at once are
+// slower); whether weight copies carry the L2 evict-first policy and a 256-byte prefetch.
+#ifndef FPX_STAGES
+#define FPX_STAGES 4
 #endif
-#ifndef FPX_MIN_BLOCKS
-#define FPX_MIN_BLOCKS 1
+#ifndef FPX_ROTATE
+#define FPX_ROTATE 1
+#endif
+#ifndef FPX_EVICT_FIRST
+#define FPX_EVICT_FIRST 1
 #endif
 
-__device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-template <int NT>
-struct Unroll {
-  static constexpr int value = NT == 1 ? FPX_UNROLL1 : (NT == 2 ? 4 : (NT == 4 ? 2 : 1));
+// Shared memory of one warp's stage (one K chunk): its tile's weights (64 16-byte vectors), shifts
+// (16 rows x SUB bytes) and the activations (8 * NT token rows of 128 bytes, row stride 160 bytes
+// so the 16 lanes of an 8-byte access phase hit distinct banks).
+constexpr int A_STRIDE = 160;
+template <int NT, int SUB>
+struct Stage {
+  static constexpr int W = 0;
+  static constexpr int S = W + 64 * 16;
+  static constexpr int A = S + 16 * SUB;
+  static constexpr int BYTES = A + 8 * NT * A_STRIDE;
 };
 
+// Stages by token tiles: a stage grows with the activation rows, so larger NT holds fewer.
+template <int NT>
+struct Stages {
+  static constexpr int value = NT <= 2 ? FPX_STAGES : (NT == 4 ? 4 : 3);
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copies (cp.async.cg: L2 only). src_bytes = 0 writes zeros.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async16_stream(uint32_t dst, const void* src, uint64_t policy) {
+#if FPX_EVICT_FIRST
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "l"(policy));
+#else
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// The four FP16x2 registers (value * 2^-14) of one layout word: codes (0,1), (2,3), (4,5), (6,7).
+__device__ __forceinline__ void decode(uint32_t w, uint32_t (&o)[4]) {
+  constexpr uint32_t MAG = 0x0E000E00u, SIGN = 0x80008000u;
+  o[0] = w & (MAG | SIGN);
+  o[1] = (w << 3) & (MAG | SIGN);
+  o[2] = ((w << 6) & MAG) | ((w << 1) & SIGN);
+  o[3] = ((w << 9) & MAG) | ((w << 2) & SIGN);
+}
+
+// 2^(14 + shift) as float: undoes decode's 2^-14 and applies the group's power of two.
+__device__ __forceinline__ float group_scale(int shift) { return __int_as_float((shift + 141) << 23); }
+
+// Four E4M3 bytes -> two FP16x2 registers (bytes 0-1, bytes 2-3; exact).
+__device__ __forceinline__ void fp8x4_to_half2x2(uint32_t x, uint32_t& lo, uint32_t& hi) {
+  asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
+      : "=r"(lo), "=r"(hi)
+      : "r"(x));
+}
+
+__device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Each warp streams its tile's K range chunk by chunk through its own ring of Stages<NT>
+// shared-memory stages (cp.async; the warp's lanes read what other lanes copied, so one __syncwarp
+// per chunk and no CTA barrier): the copies of the next Stages - 1 chunks are in flight while a
+// chunk is decoded and multiplied, and registers hold one chunk only.
 template <int NT, int SUB>
-__global__ void __launch_bounds__(WARPS * 32, FPX_MIN_BLOCKS) w4a8_gemm_kernel(
+__global__ void __launch_bounds__(WARPS * 32) w4a8_gemm_kernel(
     const uint4* __restrict__ wt, const int8_t* __restrict__ st, const uint8_t* __restrict__ a,
     const float* __restrict__ a_scale, const float* __restrict__ w_scale, const float* __restrict__ bias,
     const float* __restrict__ lorc_t, const float* __restrict__ lorc_u, int lorc_rank, void* __restrict__ out,
     int out_bf16, float* __restrict__ ws, int* __restrict__ counters, int M, int N, int K, int lda, int ldo,
     int KC, int chunks_per_split) {
-  constexpr int U = Unroll<NT>::value;
+  using L = Stage<NT, SUB>;
+  constexpr int S = Stages<NT>::value;
+  constexpr int WORDS_PER_GROUP = 4 / SUB;
+  constexpr int AV = 2 * NT;  // activation vectors per lane per chunk: 8 * NT rows x 8 vectors / 32 lanes
+  extern __shared__ __align__(16) uint8_t smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int ntiles = (N + 15) >> 4;
   const int tile = blockIdx.x * WARPS + warp;
   const int splits = gridDim.y;
   const int c_begin = blockIdx.y * chunks_per_split;
-  const int c_end = min(KC, c_begin + chunks_per_split);
-  const int sub = (t * SUB) >> 2;
+  const int chunks = tile < ntiles ? max(0, min(KC, c_begin + chunks_per_split) - c_begin) : 0;
 
-  float acc[NT][4];
+  float acc[NT][4], part[NT][4];
 #pragma unroll
-  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = part[j][i] = 0.f;
 
-  if (tile < ntiles) {
-    const uint4* wp = wt + static_cast<size_t>(tile) * KC * 64 + lane;
-    const int8_t* sp = st + static_cast<size_t>(tile) * KC * 16 * SUB + sub;
-    for (int c0 = c_begin; c0 < c_end; c0 += U) {
-      uint4 w0[U], w1[U];
-      int s0[U], s1[U];
-      uint4 xa[U][NT], xb[U][NT];
+  if (chunks > 0) {
+    uint8_t* ring = smem + warp * S * L::BYTES;
+    const uint32_t ring_addr = smem_addr(ring);
+    uint64_t policy = 0;
+#if FPX_EVICT_FIRST
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+#endif
+    // This lane's copies per chunk: two weight vectors, (lane < SUB) one shift vector, and the
+    // activation vectors v = lane + 32 r of rows m = v / 8 < M (bytes 16 (v % 8) of the chunk;
+    // zeros past K).
+    const uint4* w_src = wt + (static_cast<size_t>(tile) * KC + c_begin) * 64 + lane;
+    const int8_t* s_src = st + (static_cast<size_t>(tile) * KC + c_begin) * 16 * SUB + lane * 16;
+    const uint8_t* a_src[AV];
+    uint32_t a_dst[AV];
+    int a_left[AV];  // bytes of the row from this vector's first chunk to K; <= 0: not copied
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int c = c0 + u;
-        if (c < c_end) {
-          w0[u] = __ldcs(wp + c * 64);
-          w1[u] = __ldcs(wp + c * 64 + 32);
-          s0[u] = __ldg(sp + (c * 16 + g) * SUB);
-          s1[u] = __ldg(sp + (c * 16 + g + 8) * SUB);
-          const int kk = c * 128 + 32 * t;
+    for (int r = 0; r < AV; ++r) {
+      const int v = lane + 32 * r, m = v >> 3, kk = c_begin * 128 + (v & 7) * 16;
+      a_src[r] = a + static_cast<size_t>(m < M ? m : 0) * lda + kk;
+      a_dst[r] = L::A + m * A_STRIDE + (v & 7) * 16;
+      a_left[r] = m < M ? K - kk : -(1 << 30);
+    }
+    // The warps start at different chunks of their range (FPX_ROTATE), so that concurrent copies
+    // spread over the address space instead of all reading the same offset of their tiles.
+    const int rot = FPX_ROTATE ? (tile * 5) % chunks : 0;
+    auto load = [&](int i0, uint32_t stage) {  // chunk c_begin + (i0 + rot) % chunks into the stage at byte offset `stage`
+      const int i = i0 + rot < chunks ? i0 + rot : i0 + rot - chunks;
+      const uint32_t base = ring_addr + stage;
+      cp_async16_stream(base + L::W + lane * 16, w_src + i * 64, policy);
+      cp_async16_stream(base + L::W + (lane + 32) * 16, w_src + i * 64 + 32, policy);
+      if (lane < SUB) cp_async16(base + L::S + lane * 16, s_src + i * 16 * SUB, 16);
 #pragma unroll
-          for (int j = 0; j < NT; ++j) {
-            const int m = j * 8 + g;
-            if (m < M && kk < K) {
-              const uint4* ap = reinterpret_cast<const uint4*>(a + static_cast<size_t>(m) * lda + kk);
-              xa[u][j] = __ldg(ap);
-              xb[u][j] = __ldg(ap + 1);
-            } else {
-              xa[u][j] = make_uint4(0, 0, 0, 0);
-              xb[u][j] = make_uint4(0, 0, 0, 0);
-            }
-          }
-        }
+      for (int r = 0; r < AV; ++r) {
+        const int left = a_left[r] - i * 128;
+        if (left > -(1 << 29)) cp_async16(base + a_dst[r], left > 0 ? a_src[r] + i * 128 : a_src[r], left > 0 ? 16 : 0);
       }
+    };
+
+    uint32_t rd = 0, wr = 0;  // byte offsets of the stage to read and the stage to fill next
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (c0 + u < c_end) {
-          uint32_t lo0, hi0, lo1, hi1;
-          fp_export::shifted_table(s0[u], lo0, hi0);
-          fp_export::shifted_table(s1[u], lo1, hi1);
-          uint32_t A0[8], A1[8];  // decoded rows g and g + 8: word i = codes 32t + 4i .. +3
-          fp_export::cast8(w0[u].x, lo0, hi0, A0[0], A0[1]);
-          fp_export::cast8(w0[u].y, lo0, hi0, A0[2], A0[3]);
-          fp_export::cast8(w0[u].z, lo0, hi0, A0[4], A0[5]);
-          fp_export::cast8(w0[u].w, lo0, hi0, A0[6], A0[7]);
-          fp_export::cast8(w1[u].x, lo1, hi1, A1[0], A1[1]);
-          fp_export::cast8(w1[u].y, lo1, hi1, A1[2], A1[3]);
-          fp_export::cast8(w1[u].z, lo1, hi1, A1[4], A1[5]);
-          fp_export::cast8(w1[u].w, lo1, hi1, A1[6], A1[7]);
+    for (int i = 0; i < S - 1; ++i) {
+      if (i < chunks) load(i, wr);
+      cp_async_commit();
+      wr += L::BYTES;
+    }
+    for (int i = 0; i < chunks; ++i) {
+      cp_async_wait<S - 2>();
+      __syncwarp();  // chunk i has landed for every lane; every lane is done with chunk i - 1's stage
+      if (i + S - 1 < chunks) load(i + S - 1, wr);
+      cp_async_commit();
+      wr = wr == (S - 1) * L::BYTES ? 0 : wr + L::BYTES;
+      const uint8_t* stage = ring + rd;
+      rd = rd == (S - 1) * L::BYTES ? 0 : rd + L::BYTES;
+      const uint4* wv = reinterpret_cast<const uint4*>(stage + L::W);
+      const uint4 w0 = wv[lane], w1 = wv[lane + 32];
+      const uint32_t W0[4] = {w0.x, w0.y, w0.z, w0.w}, W1[4] = {w1.x, w1.y, w1.z, w1.w};
+      const int8_t* sc = reinterpret_cast<const int8_t*>(stage + L::S);
 #pragma unroll
-          for (int j = 0; j < NT; ++j) {
-            const uint32_t X[8] = {xa[u][j].x, xa[u][j].y, xa[u][j].z, xa[u][j].w,
-                                   xb[u][j].x, xb[u][j].y, xb[u][j].z, xb[u][j].w};
+      for (int j = 0; j < 4; ++j) {
+        uint32_t r0[4], r1[4];  // rows g and g + 8
+        decode(W0[j], r0);
+        decode(W1[j], r1);
+        const uint32_t a_lo[4] = {r0[0], r1[0], r0[1], r1[1]}, a_hi[4] = {r0[2], r1[2], r0[3], r1[3]};
 #pragma unroll
-            for (int s = 0; s < 4; ++s)
-              mma_e4m3(acc[j], A0[2 * s], A1[2 * s], A0[2 * s + 1], A1[2 * s + 1], X[2 * s], X[2 * s + 1]);
+        for (int n = 0; n < NT; ++n) {
+          const int m = n * 8 + g;
+          uint2 x = make_uint2(0, 0);
+          if (m < M) x = *reinterpret_cast<const uint2*>(stage + L::A + m * A_STRIDE + 32 * j + 8 * t);
+          uint32_t b[4];
+          fp8x4_to_half2x2(x.x, b[0], b[1]);
+          fp8x4_to_half2x2(x.y, b[2], b[3]);
+          mma_f16(part[n], a_lo, b[0], b[1]);
+          mma_f16(part[n], a_hi, b[2], b[3]);
+        }
+        if ((j + 1) % WORDS_PER_GROUP == 0) {
+          const int q = j / WORDS_PER_GROUP;
+          const float s0 = group_scale(sc[g * SUB + q]), s1 = group_scale(sc[(g + 8) * SUB + q]);
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            acc[n][0] = fmaf(part[n][0], s0, acc[n][0]);
+            acc[n][1] = fmaf(part[n][1], s0, acc[n][1]);
+            acc[n][2] = fmaf(part[n][2], s1, acc[n][2]);
+            acc[n][3] = fmaf(part[n][3], s1, acc[n][3]);
+            part[n][0] = part[n][1] = part[n][2] = part[n][3] = 0.f;
           }
         }
       }
     }
+    cp_async_wait<0>();
   }
 
   // acc[j][i]: row n = tile*16 + g + 8*(i >> 1), token m = 8j + 2t + (i & 1).
@@ -196,19 +313,26 @@ __global__ void weight_to_fp8_kernel(const uint4* __restrict__ wt, const int8_t*
     const int c = static_cast<int>(tc % KC);
     const int tile = static_cast<int>(tc / KC);
     const int g = lane >> 2, t = lane & 3;
-    const int n = tile * 16 + g + 8 * h, kk = c * 128 + 32 * t;
-    if (n >= N || kk >= K) continue;
-    uint32_t lo, hi;
-    fp_export::shifted_table(st[(tc * 16 + g + 8 * h) * SUB + ((t * SUB) >> 2)], lo, hi);
+    const int n = tile * 16 + g + 8 * h;
+    if (n >= N) continue;
     const uint4 w = wt[v];
-    uint4 r0, r1;
-    fp_export::cast8(w.x, lo, hi, r0.x, r0.y);
-    fp_export::cast8(w.y, lo, hi, r0.z, r0.w);
-    fp_export::cast8(w.z, lo, hi, r1.x, r1.y);
-    fp_export::cast8(w.w, lo, hi, r1.z, r1.w);
-    uint4* o = reinterpret_cast<uint4*>(out + static_cast<size_t>(n) * K + kk);
-    o[0] = r0;
-    o[1] = r1;
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int kk = c * 128 + 32 * j + 8 * t;
+      if (kk >= K) break;
+      const float scale = group_scale(st[(tc * 16 + g + 8 * h) * SUB + j * SUB / 4]);
+      uint32_t o[4];
+      decode(words[j], o);
+      uint32_t bytes[2] = {0, 0};
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&o[p]));
+        const uint32_t pair = __nv_cvt_float2_to_fp8x2(make_float2(f.x * scale, f.y * scale), __NV_SATFINITE, __NV_E4M3);
+        bytes[p >> 1] |= pair << (16 * (p & 1));
+      }
+      *reinterpret_cast<uint2*>(out + static_cast<size_t>(n) * K + kk) = make_uint2(bytes[0], bytes[1]);
+    }
   }
 }
 
@@ -220,7 +344,10 @@ cudaError_t launch(const void* wt, const int8_t* st, const uint8_t* a, const flo
   const int ntiles = (n + 15) / 16;
   const int per_split = (kc + splits - 1) / splits;
   const dim3 grid((ntiles + WARPS - 1) / WARPS, splits);
-  w4a8_gemm_kernel<NT, SUB><<<grid, WARPS * 32, 0, stream>>>(
+  const int smem = WARPS * Stages<NT>::value * Stage<NT, SUB>::BYTES;
+  const cudaError_t e = cudaFuncSetAttribute(w4a8_gemm_kernel<NT, SUB>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (e != cudaSuccess) return e;
+  w4a8_gemm_kernel<NT, SUB><<<grid, WARPS * 32, smem, stream>>>(
       static_cast<const uint4*>(wt), st, a, a_scale, w_scale, bias, lorc_t, lorc_u, lorc_rank, out, out_bf16, ws,
       counters, m, n, k, lda, ldo, kc, per_split);
   return cudaGetLastError();
@@ -247,7 +374,8 @@ extern "C" int fp_export_w4a8_gemm(const void* wt, const int8_t* st, const uint8
                                    int* counters, int m, int n, int k, int lda, int ldo, int kc, int sub,
                                    int splits, cudaStream_t stream) {
   if (m <= 0 || m > 64 || n <= 0 || k <= 0 || k % 32 || kc * 128 < k || lda % 16 || splits < 1 || splits > kc ||
-      (reinterpret_cast<uintptr_t>(a) % 16) || (splits > 1 && (ws == nullptr || counters == nullptr)))
+      (reinterpret_cast<uintptr_t>(a) % 16) || (reinterpret_cast<uintptr_t>(wt) % 16) ||
+      (reinterpret_cast<uintptr_t>(st) % 16) || (splits > 1 && (ws == nullptr || counters == nullptr)))
     return cudaErrorInvalidValue;
 #define FPX_ARGS wt, st, a, a_scale, w_scale, bias, lorc_t, lorc_u, lorc_rank, out, out_bf16, ws, counters, m, n, k, lda, ldo, kc, splits, stream
   cudaError_t e;

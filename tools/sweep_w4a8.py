@@ -1,8 +1,9 @@
 """Offline tuning of the W4A8 few-token kernel (``plugins/w4a8_gemm.cu``, issue 10) on one GPU.
 
-Builds the kernel once per variant of its tuning macros (``FPX_UNROLL1``: 128-wide K chunks each
-warp loads ahead at up to 8 tokens; ``FPX_MIN_BLOCKS``: CTAs per multiprocessor the register
-allocation must allow), in parallel, then times each variant in its own process: M in ``--ms`` on
+Builds the kernel once per variant of its tuning macros (``FPX_STAGES``: shared-memory pipeline
+stages, 128-wide K chunks in flight per warp, at up to 16 tokens; ``FPX_ROTATE``: each warp starts
+at a different chunk of its K range), and ``--previous``, another version of the source (the kernel
+being replaced), in parallel, then times each variant in its own process: M in ``--ms`` on
 the decode shapes, over split-K counts around the committed rule (``w4a8_gemm.default_splits``),
 weights L2-cold (rotated copies), each call inside a CUDA graph, median of 3 runs
 (``tools/bench_common.py``). Writes ``<out>/w4a8_config.json`` and ``.md``: per variant and shape
@@ -24,8 +25,8 @@ from pathlib import Path
 
 SHAPES = {"K=N=8192": (8192, 8192), "7B qkv": (12288, 4096), "7B o": (4096, 4096), "7B gate_up": (22016, 4096),
           "7B down": (4096, 11008), "70B down": (8192, 28672)}
-UNROLL = (4, 6, 8)
-MIN_BLOCKS = (1, 4, 6)
+STAGES = (2, 3, 4, 6)
+ROTATE = (0, 1)
 
 
 def child(ms: list[int]) -> None:
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks"))
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/sweep_w4a8"))
     ap.add_argument("--ms", default="1,4,16")
+    ap.add_argument("--previous", type=Path, help="another w4a8_gemm.cu to time beside the variants")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
@@ -67,12 +69,18 @@ def main() -> None:
         return child(ms)
     import torch
 
-    from fp_export.runtime.w4a8_gemm import build_library
+    from fp_export.runtime.kernels import compile_cuda
+    from fp_export.runtime.w4a8_gemm import LIB_NAME, W4A8Unavailable, build_library
 
-    variants = [None] + [{"FPX_UNROLL1": u, "FPX_MIN_BLOCKS": b} for u, b in itertools.product(UNROLL, MIN_BLOCKS)]
-    names = ["committed"] + [f"U{v['FPX_UNROLL1']}_B{v['FPX_MIN_BLOCKS']}" for v in variants[1:]]
+    variants = [None] + [{"FPX_STAGES": s, "FPX_ROTATE": e} for s, e in itertools.product(STAGES, ROTATE)]
+    names = ["committed"] + [f"S{v['FPX_STAGES']}_R{v['FPX_ROTATE']}" for v in variants[1:]]
+    builds = [lambda nv=nv: build_library(args.workdir / nv[0], nv[1]) for nv in zip(names, variants)]
+    if args.previous:
+        names.append("previous")
+        variants.append(None)
+        builds.append(lambda: compile_cuda(args.previous.resolve(), LIB_NAME, args.workdir / "previous", W4A8Unavailable))
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        libs = list(pool.map(lambda nv: build_library(args.workdir / nv[0], nv[1]), zip(names, variants)))
+        libs = list(pool.map(lambda build: build(), builds))
     rows = []
     for name, v, lib in zip(names, variants, libs):
         env = {**os.environ, "FP_EXPORT_W4A8_LIB": str(lib)}

@@ -27,11 +27,12 @@ class KernelUnavailable(RuntimeError):
     """No CUDA device, no nvcc, or the library failed to build or load."""
 
 
-def compile_cuda(source: str, lib_name: str, out_dir: Path, error: type[Exception],
+def compile_cuda(source: str | Path, lib_name: str, out_dir: Path, error: type[Exception],
                  defines: dict[str, int] | None = None) -> Path:
-    """Compile ``plugins/<source>`` into ``out_dir/<lib_name>`` with nvcc (sm_90) and ``-D`` of
-    ``defines``, written under a per-process temporary name and renamed (concurrent builds never
-    load a half-written library). Raises ``error`` when nvcc is missing."""
+    """Compile ``plugins/<source>`` (or the file ``source``, with plugins/ on the include path) into
+    ``out_dir/<lib_name>`` with nvcc (sm_90) and ``-D`` of ``defines``, written under a per-process
+    temporary name and renamed (concurrent builds never load a half-written library). Raises
+    ``error`` when nvcc is missing."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         raise error(f"nvcc not found: install the CUDA toolkit to build plugins/{source} (or build plugins/ with CMake)")
@@ -39,7 +40,7 @@ def compile_cuda(source: str, lib_name: str, out_dir: Path, error: type[Exceptio
     out = out_dir / lib_name
     tmp = out.with_suffix(f".so.{os.getpid()}.tmp")
     flags = [f"-D{k}={v}" for k, v in (defines or {}).items()]
-    subprocess.run([nvcc, *NVCC_FLAGS, *flags, "-o", str(tmp), str(PLUGINS / source)], check=True)
+    subprocess.run([nvcc, *NVCC_FLAGS, *flags, f"-I{PLUGINS}", "-o", str(tmp), str(PLUGINS / source)], check=True)
     os.replace(tmp, out)
     return out
 

@@ -8,20 +8,24 @@ w_scale float32 [N] (``dq_scale`` of ``QuantizedWeight.to_shift_cast()``),
 t = a @ lorc_v^T float32 [M, r] and u = lorc_u [N, r] the optional LoRC factors, bias float32 [N].
 
 Two paths, chosen by the number of tokens M (fixed rules, no run-time tuning):
-- M <= 16, or M <= ``SMALL_M`` without a kept FP8 copy (decode): ``plugins/w4a8_gemm.cu``, mma.sync m16n8k32 E4M3 with the weights as
-  the 16-row MMA side; the 4-bit weights are streamed once (pre-shuffled so each lane loads
-  16-byte vectors, 512 contiguous bytes per warp load, evict-first) and decoded by a PRMT table
-  lookup; K split over CTAs (``splits``) with a deterministic in-kernel reduction.
-- otherwise (prefill, large batches): the weights are cast to FP8 once per call (``weight_to_fp8``, the
-  same PRMT decode) into a shared workspace, or taken from a kept FP8 copy, and multiplied with
+- M <= 16, or M <= ``SMALL_M`` without a kept FP8 copy (decode): ``plugins/w4a8_gemm.cu``, mma.sync
+  m16n8k16 (FP16 inputs, FP32 accumulation; sm_90 has no FP8 mma.sync) with the weights as the
+  16-row MMA side; the 4-bit weights are streamed once through a cp.async shared-memory ring per
+  warp (evict-first) and decoded to FP16 by a shift and a mask per code pair; K split over CTAs
+  (``splits``) with a deterministic in-kernel reduction.
+- otherwise (prefill, large batches): the weights are cast to FP8 once per call (``weight_to_fp8``,
+  the same decode) into a shared workspace, or taken from a kept FP8 copy, and multiplied with
   ``torch._scaled_mm`` (cuBLASLt, FP8 wgmma).
 
 Layout (``prepare``, pure torch, so it is tested on the CPU): the weight rows are padded to a
 multiple of 16 and K to a multiple of 128 with zero codes; for 16-row tile T and 128-wide chunk c,
-``wt[T, c, h, 4g + t]`` holds the 16 packed bytes (32 codes, standard nibble order) of row
-16T + 8h + g, codes 128c + 32t .. +31. Shifts are expanded to 32-code granularity and stored per
-(tile, chunk) as ``st[T, c, r, 0:sub]`` (sub = 1, 2 or 4 shifts per row and chunk: the fewest
-that represent the groups). Needs K % 32 == 0 and group_size % 32 == 0 (a partial last group is fine).
+``wt[T, c, h, 4g + t]`` holds 16 bytes, four little-endian 32-bit words, of row 16T + 8h + g: word j
+holds the 8 codes k = 128c + 32j + 8t + i, i = 0..7, code i's magnitude bits (e1 e0 m) at bit
+``MAG_AT[i]`` and its sign at bit ``SIGN_AT[i]`` (the kernel's ``decode``: code pairs (0,1), (2,3),
+(4,5), (6,7) become FP16x2 registers s << 15 | (e1 e0 m) << 9, the code's value times 2^-14, with
+shifts of 0, 3, 6 and 9 bits). Shifts are expanded to 32-code granularity and stored per
+(tile, chunk) as ``st[T, c, r, 0:sub]`` (sub = 1, 2 or 4 shifts per row and chunk: the fewest that
+represent the groups). Needs K % 32 == 0 and group_size % 32 == 0 (a partial last group is fine).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from fp_export.runtime.kernels import PLUGINS, compile_cuda
 LIB_NAME = "libfp_export_w4a8.so"
 SMALL_M = 32  # "auto": the mma.sync kernel up to this many tokens (it takes up to 64); H100 sweep in benchmarks/w4a8_sweep.json
 TILE_N, CHUNK_K = 16, 128
+MAG_AT = (9, 25, 6, 22, 3, 19, 0, 16)  # bit of code i's 3 magnitude bits in its layout word
+SIGN_AT = (15, 31, 12, 28, 14, 30, 13, 29)  # bit of code i's sign
 
 
 class W4A8Unavailable(RuntimeError):
@@ -99,7 +105,13 @@ def prepare(packed: torch.Tensor, shift: torch.Tensor, group_size: int, w_scale:
     np_, kp = tiles * TILE_N, kc * CHUNK_K
     p = torch.zeros(np_, kp // 2, dtype=torch.uint8, device=packed.device)
     p[:n, : k // 2] = packed
-    wt = p.view(tiles, 2, 8, kc, 4, 16).permute(0, 3, 1, 2, 4, 5).contiguous()
+    codes = torch.stack([p & 15, p >> 4], dim=-1).view(tiles, 2, 8, kc, 4, 4, 8).to(torch.int64)
+    codes = codes.permute(0, 3, 1, 2, 5, 4, 6)  # [T, c, h, g, t, j, i]
+    mag_at = torch.tensor(MAG_AT, device=packed.device)
+    sign_at = torch.tensor(SIGN_AT, device=packed.device)
+    words = (((codes & 7) << mag_at) | ((codes >> 3) << sign_at)).sum(-1)  # disjoint bits: sum = or
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    wt = words.contiguous().view(torch.uint8).view(tiles, kc, 2, 32, 16)
     s32 = torch.zeros(np_, kp // 32, dtype=torch.int8, device=packed.device)
     s32[:n, : k // 32] = shift.repeat_interleave(group_size // 32, dim=1)[:, : k // 32]  # last group may be partial
     s4 = s32.view(np_, kc, 4)
@@ -117,7 +129,12 @@ def prepare(packed: torch.Tensor, shift: torch.Tensor, group_size: int, w_scale:
 def unprepare(w: W4A8Weight) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of ``prepare``'s layout: (packed uint8 [N, K/2], shift per 32 codes int8 [N, K/32])."""
     tiles, kc = w.wt.shape[:2]
-    p = w.wt.permute(0, 2, 3, 1, 4, 5).reshape(tiles * TILE_N, kc * CHUNK_K // 2)[: w.n, : w.k // 2]
+    words = w.wt.contiguous().view(torch.int32).view(tiles, kc, 2, 8, 4, 4, 1).to(torch.int64) & 0xFFFFFFFF
+    mag_at = torch.tensor(MAG_AT, device=w.wt.device)
+    sign_at = torch.tensor(SIGN_AT, device=w.wt.device)
+    codes = ((words >> mag_at) & 7) | (((words >> sign_at) & 1) << 3)  # [T, c, h, g, t, j, i]
+    codes = codes.permute(0, 2, 3, 1, 5, 4, 6).reshape(tiles * TILE_N, kc * CHUNK_K).to(torch.uint8)
+    p = (codes[:, 0::2] | (codes[:, 1::2] << 4))[: w.n, : w.k // 2]
     s = w.st.permute(0, 2, 1, 3).reshape(tiles * TILE_N, kc, w.sub)
     s32 = s.repeat_interleave(4 // w.sub, dim=2).reshape(tiles * TILE_N, kc * 4)[: w.n, : w.k // 32]
     return p.contiguous(), s32.contiguous()
@@ -202,16 +219,16 @@ def workspace(device: torch.device) -> _Workspace:
 
 def default_splits(m: int, n: int, k: int, sms: int = 132) -> int:
     """K splits of the small-M kernel: about ``CTAS_PER_SM`` CTAs (4 warps = 64 weight rows each)
-    per multiprocessor, half as many at 9-16 tokens (that variant holds two token tiles and fits
-    fewer CTAs), at least ``MIN_CHUNKS`` 128-wide K chunks per split. Fixed rule, fitted to the H100
-    sweeps of benchmarks/w4a8_sweep.json and benchmarks/w4a8_config.json (L2-cold weights)."""
+    per multiprocessor, half as many at 9-16 tokens, at least ``MIN_CHUNKS`` 128-wide K chunks per
+    split. Fixed rule, fitted to the H100 sweep of benchmarks/w4a8_config.json (L2-cold weights:
+    fewer, longer CTAs beat more splits on every decode shape but two)."""
     ctas = -(-n // (TILE_N * 4))
     kc = -(-k // CHUNK_K)
     want = max(1, ((CTAS_PER_SM // 2 if 8 < m <= 16 else CTAS_PER_SM) * sms) // ctas)
     return max(1, min(want, kc // MIN_CHUNKS if kc >= MIN_CHUNKS else 1, 64))
 
 
-CTAS_PER_SM = 4
+CTAS_PER_SM = 2
 MIN_CHUNKS = 4
 
 
