@@ -83,12 +83,42 @@ def packed_words() -> tuple[str, str]:
 
 def test_cuda_and_triton_tables_match_the_op():
     lo, hi = packed_words()
-    cu = (ROOT / "plugins" / "fp4_cast.cuh").read_text()  # the table of the cast kernel and the W4A8 GEMM
+    cu = (ROOT / "plugins" / "fp4_cast.cuh").read_text()  # the table of the cast kernel
     assert f"{lo}u" in cu and f"{hi}u" in cu
-    for user in ("fp4_to_fp8.cu", "w4a8_gemm.cu"):
-        assert '#include "fp4_cast.cuh"' in (ROOT / "plugins" / user).read_text()
+    assert '#include "fp4_cast.cuh"' in (ROOT / "plugins" / "fp4_to_fp8.cu").read_text()
     triton = (PKG / "runtime" / "triton_w4a8.py").read_text()
     assert f"add.u32 tlo, x, {lo}" in triton and f"add.u32 thi, x, {hi}" in triton
+
+
+def test_w4a8_layout_bits_are_the_kernels_decode():
+    """``w4a8_gemm.MAG_AT``/``SIGN_AT`` (the layout ``prepare`` writes) against the shifts of the
+    CUDA ``decode``: pair p's codes land on FP16 bits 9-11 / 15 and 25-27 / 31 of its register."""
+    from fp_export.runtime.w4a8_gemm import MAG_AT, SIGN_AT
+
+    src = (ROOT / "plugins" / "w4a8_gemm.cu").read_text()
+    assert "MAG = 0x0E000E00u, SIGN = 0x80008000u" in src
+    lines = re.findall(r"^\s+o\[(\d)\] = (.*);$", src, re.M)
+    assert [int(i) for i, _ in lines] == [0, 1, 2, 3]
+    for p, (_, expr) in enumerate(lines):
+        if m := re.fullmatch(r"\(?w(?: << (\d+)\))? & \(MAG \| SIGN\)", expr):
+            a = b = int(m.group(1) or 0)
+        else:
+            m = re.fullmatch(r"\(\(w << (\d+)\) & MAG\) \| \(\(w << (\d+)\) & SIGN\)", expr)
+            a, b = int(m.group(1)), int(m.group(2))
+        assert (MAG_AT[2 * p], MAG_AT[2 * p + 1], SIGN_AT[2 * p], SIGN_AT[2 * p + 1]) == (9 - a, 25 - a, 15 - b, 31 - b)
+    assert sorted([b for m in MAG_AT for b in range(m, m + 3)] + list(SIGN_AT)) == list(range(32))
+
+
+def test_fp16_placement_is_the_fp4_value_times_2_pow_minus_14():
+    """An E2M1 code s|e1 e0 m placed as FP16 bits s << 15 | (e1 e0 m) << 9 (the W4A8 kernel's
+    decode) is the code's value times 2^-14: all 16 codes, against ml_dtypes' float4_e2m1fn."""
+    import ml_dtypes
+    import numpy as np
+
+    codes = np.arange(16, dtype=np.uint16)
+    fp16 = (((codes & 7) << 9) | ((codes >> 3) << 15)).view(np.float16).astype(np.float64)
+    fp4 = codes.astype(np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float64)
+    assert np.array_equal(fp16 * 2.0**14, fp4)
 
 
 def test_tensorrt_plugin_identity_matches_the_op():
