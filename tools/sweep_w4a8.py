@@ -72,7 +72,7 @@ def main() -> None:
     from fp_export.runtime.kernels import compile_cuda
     from fp_export.runtime.w4a8_gemm import LIB_NAME, W4A8Unavailable, build_library
 
-    variants = [None] + [{"FPX_STAGES": s, "FPX_ROTATE": e} for s, e in itertools.product(STAGES, ROTATE)]
+    variants = [None] + [{"FPX_STAGES": s, "FPX_ROTATE": r} for s, r in itertools.product(STAGES, ROTATE)]
     names = ["committed"] + [f"S{v['FPX_STAGES']}_R{v['FPX_ROTATE']}" for v in variants[1:]]
     builds = [lambda nv=nv: build_library(args.workdir / nv[0], nv[1]) for nv in zip(names, variants)]
     if args.previous:
