@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from fp_export.numerics.formats import FP8_E4M3, decode, pack_nibbles, unpack_nibbles
 from fp_export.numerics.fp4_to_fp8 import fp4_to_fp8 as reference_cast
 from fp_export.runtime.kernels import PLUGINS, compile_cuda
 
@@ -105,7 +106,7 @@ def prepare(packed: torch.Tensor, shift: torch.Tensor, group_size: int, w_scale:
     np_, kp = tiles * TILE_N, kc * CHUNK_K
     p = torch.zeros(np_, kp // 2, dtype=torch.uint8, device=packed.device)
     p[:n, : k // 2] = packed
-    codes = torch.stack([p & 15, p >> 4], dim=-1).view(tiles, 2, 8, kc, 4, 4, 8).to(torch.int64)
+    codes = unpack_nibbles(p).view(tiles, 2, 8, kc, 4, 4, 8).to(torch.int64)
     codes = codes.permute(0, 3, 1, 2, 5, 4, 6)  # [T, c, h, g, t, j, i]
     mag_at = torch.tensor(MAG_AT, device=packed.device)
     sign_at = torch.tensor(SIGN_AT, device=packed.device)
@@ -134,7 +135,7 @@ def unprepare(w: W4A8Weight) -> tuple[torch.Tensor, torch.Tensor]:
     sign_at = torch.tensor(SIGN_AT, device=w.wt.device)
     codes = ((words >> mag_at) & 7) | (((words >> sign_at) & 1) << 3)  # [T, c, h, g, t, j, i]
     codes = codes.permute(0, 2, 3, 1, 5, 4, 6).reshape(tiles * TILE_N, kc * CHUNK_K).to(torch.uint8)
-    p = (codes[:, 0::2] | (codes[:, 1::2] << 4))[: w.n, : w.k // 2]
+    p = pack_nibbles(codes)[: w.n, : w.k // 2]
     s = w.st.permute(0, 2, 1, 3).reshape(tiles * TILE_N, kc, w.sub)
     s32 = s.repeat_interleave(4 // w.sub, dim=2).reshape(tiles * TILE_N, kc * 4)[: w.n, : w.k // 32]
     return p.contiguous(), s32.contiguous()
@@ -144,8 +145,6 @@ def reference(a_codes: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, lorc_
               dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The GEMM in ``dtype`` on the CPU from the prepared layout (``unprepare`` + the integer
     reference cast of ``numerics.fp4_to_fp8``). a_codes: activation values on the FP8 grid [M, K]."""
-    from fp_export.numerics.formats import FP8_E4M3, decode
-
     packed, s32 = unprepare(w.to("cpu"))
     wf = decode(reference_cast(packed, s32, 32), FP8_E4M3).to(dtype)
     s = a_scale.cpu().to(dtype)[:, None]
