@@ -21,9 +21,11 @@
 // lies inside one 32-code group. The shifts of a chunk are 16 x SUB bytes (SUB = 1, 2 or 4 shifts
 // per row per chunk: groups of >= 128, 64, 32 codes).
 //
-// Each warp (one 16-row tile; 4 per CTA) streams its weights, shifts and activations through its
-// own ring of shared-memory stages with cp.async (weights with the L2 evict-first policy), so the
-// copies of several K chunks are in flight while one is decoded and multiplied.
+// Up to 16 tokens (w4a8_gemm_kernel), each warp (one 16-row tile; 4 per CTA) streams its weights,
+// shifts and activations through its own ring of shared-memory stages with cp.async (weights with
+// the L2 evict-first policy), so the copies of several K chunks are in flight while one is decoded
+// and multiplied. From 17 to 128 tokens (w4a8_gemm_wide_kernel) the activations of a chunk outweigh
+// a tile's weights, so the warps of a CTA share one ring and copy each chunk's activations once.
 // K is split over gridDim.y CTAs; partial sums go to a workspace and the last CTA of each column
 // block (an arrival counter, reset by that CTA) adds them in split order: deterministic.
 #include "w4a8_gemm.h"
@@ -89,6 +91,12 @@ __device__ __forceinline__ void cp_async16_stream(uint32_t dst, const void* src,
 #endif
 }
 
+// Programmatic dependent launch (sm_90): wait until the kernel this one depends on has completed and
+// its memory is visible (a no-op when launched without the attribute). The GEMMs do not trigger
+// their own dependents early: a GEMM launched into a draining GEMM would be placed on whichever
+// multiprocessors had room (measured on the H100: 1.2x slower at 16 tokens, one CTA per SM).
+__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int N>
@@ -122,129 +130,128 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Each warp streams its tile's K range chunk by chunk through its own ring of Stages<NT>
-// shared-memory stages (cp.async; the warp's lanes read what other lanes copied, so one __syncwarp
-// per chunk and no CTA barrier): the copies of the next Stages - 1 chunks are in flight while a
-// chunk is decoded and multiplied, and registers hold one chunk only.
-template <int NT, int SUB>
-__global__ void __launch_bounds__(WARPS * 32) w4a8_gemm_kernel(
-    const uint4* __restrict__ wt, const int8_t* __restrict__ st, const uint8_t* __restrict__ a,
-    const float* __restrict__ a_scale, const float* __restrict__ w_scale, const float* __restrict__ bias,
-    const float* __restrict__ lorc_t, const float* __restrict__ lorc_u, int lorc_rank, void* __restrict__ out,
-    int out_bf16, float* __restrict__ ws, int* __restrict__ counters, int M, int N, int K, int lda, int ldo,
-    int KC, int chunks_per_split) {
-  using L = Stage<NT, SUB>;
-  constexpr int S = Stages<NT>::value;
-  constexpr int WORDS_PER_GROUP = 4 / SUB;
-  constexpr int AV = 2 * NT;  // activation vectors per lane per chunk: 8 * NT rows x 8 vectors / 32 lanes
-  extern __shared__ __align__(16) uint8_t smem[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const int ntiles = (N + 15) >> 4;
-  const int tile = blockIdx.x * WARPS + warp;
-  const int splits = gridDim.y;
-  const int c_begin = blockIdx.y * chunks_per_split;
-  const int chunks = tile < ntiles ? max(0, min(KC, c_begin + chunks_per_split) - c_begin) : 0;
+// 2^shift as FP16x2 bits (shift in the shift-cast's [-5, 6]: FP16 normals).
+__device__ __forceinline__ uint32_t half2_pow2(int shift) {
+  const uint32_t h = static_cast<uint32_t>(shift + 15) << 10;
+  return h | (h << 16);
+}
 
-  float acc[NT][4], part[NT][4];
-#pragma unroll
-  for (int j = 0; j < NT; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[j][i] = part[j][i] = 0.f;
+__device__ __forceinline__ uint32_t hmul2(uint32_t x, uint32_t y) {
+  uint32_t z;
+  asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(z) : "r"(x), "r"(y));
+  return z;
+}
 
-  if (chunks > 0) {
-    uint8_t* ring = smem + warp * S * L::BYTES;
-    const uint32_t ring_addr = smem_addr(ring);
-    uint64_t policy = 0;
-#if FPX_EVICT_FIRST
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-#endif
-    // This lane's copies per chunk: two weight vectors, (lane < SUB) one shift vector, and the
-    // activation vectors v = lane + 32 r of rows m = v / 8 < M (bytes 16 (v % 8) of the chunk;
-    // zeros past K).
-    const uint4* w_src = wt + (static_cast<size_t>(tile) * KC + c_begin) * 64 + lane;
-    const int8_t* s_src = st + (static_cast<size_t>(tile) * KC + c_begin) * 16 * SUB + lane * 16;
-    const uint8_t* a_src[AV];
-    uint32_t a_dst[AV];
-    int a_left[AV];  // bytes of the row from this vector's first chunk to K; <= 0: not copied
+// The cp.async ring both kernels run over `chunks` K chunks, S stages of BYTES each: load(i, stage,
+// weights, acts) copies the i-th chunk of the caller's order into the stage at byte offset `stage`,
+// sync() makes a landed stage visible to every reader (and frees the previous one), compute(stage)
+// multiplies it. The first stages' weights go out before the wait for the kernel that writes the
+// activations (programmatic dependent launch), everything else after it; every thread waits, so
+// nothing (workspace, counters, scales) is touched before that kernel has finished. (An L2
+// prefetch of further weight chunks before the wait was slower: benchmarks/w4a8_notes.md.)
+template <int S, int BYTES, typename Load, typename Sync, typename Compute>
+__device__ __forceinline__ void run_ring(int chunks, Load&& load, Sync&& sync, Compute&& compute) {
+  for (int i = 0; i < S - 1 && i < chunks; ++i) load(i, i * BYTES, true, false);
+  grid_dependency_wait();
+  if (chunks <= 0) return;
+  uint32_t rd = 0, wr = 0;  // byte offsets of the stage to read and the stage to fill next
 #pragma unroll
-    for (int r = 0; r < AV; ++r) {
-      const int v = lane + 32 * r, m = v >> 3, kk = c_begin * 128 + (v & 7) * 16;
-      a_src[r] = a + static_cast<size_t>(m < M ? m : 0) * lda + kk;
-      a_dst[r] = L::A + m * A_STRIDE + (v & 7) * 16;
-      a_left[r] = m < M ? K - kk : -(1 << 30);
-    }
-    // The warps start at different chunks of their range (FPX_ROTATE), so that concurrent copies
-    // spread over the address space instead of all reading the same offset of their tiles.
-    const int rot = FPX_ROTATE ? (tile * 5) % chunks : 0;
-    auto load = [&](int i0, uint32_t stage) {  // chunk c_begin + (i0 + rot) % chunks into the stage at byte offset `stage`
-      const int i = i0 + rot < chunks ? i0 + rot : i0 + rot - chunks;
-      const uint32_t base = ring_addr + stage;
-      cp_async16_stream(base + L::W + lane * 16, w_src + i * 64, policy);
-      cp_async16_stream(base + L::W + (lane + 32) * 16, w_src + i * 64 + 32, policy);
-      if (lane < SUB) cp_async16(base + L::S + lane * 16, s_src + i * 16 * SUB, 16);
-#pragma unroll
-      for (int r = 0; r < AV; ++r) {
-        const int left = a_left[r] - i * 128;
-        if (left > -(1 << 29)) cp_async16(base + a_dst[r], left > 0 ? a_src[r] + i * 128 : a_src[r], left > 0 ? 16 : 0);
-      }
-    };
-
-    uint32_t rd = 0, wr = 0;  // byte offsets of the stage to read and the stage to fill next
-#pragma unroll
-    for (int i = 0; i < S - 1; ++i) {
-      if (i < chunks) load(i, wr);
-      cp_async_commit();
-      wr += L::BYTES;
-    }
-    for (int i = 0; i < chunks; ++i) {
-      cp_async_wait<S - 2>();
-      __syncwarp();  // chunk i has landed for every lane; every lane is done with chunk i - 1's stage
-      if (i + S - 1 < chunks) load(i + S - 1, wr);
-      cp_async_commit();
-      wr = wr == (S - 1) * L::BYTES ? 0 : wr + L::BYTES;
-      const uint8_t* stage = ring + rd;
-      rd = rd == (S - 1) * L::BYTES ? 0 : rd + L::BYTES;
-      const uint4* wv = reinterpret_cast<const uint4*>(stage + L::W);
-      const uint4 w0 = wv[lane], w1 = wv[lane + 32];
-      const uint32_t W0[4] = {w0.x, w0.y, w0.z, w0.w}, W1[4] = {w1.x, w1.y, w1.z, w1.w};
-      const int8_t* sc = reinterpret_cast<const int8_t*>(stage + L::S);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        uint32_t r0[4], r1[4];  // rows g and g + 8
-        decode(W0[j], r0);
-        decode(W1[j], r1);
-        const uint32_t a_lo[4] = {r0[0], r1[0], r0[1], r1[1]}, a_hi[4] = {r0[2], r1[2], r0[3], r1[3]};
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          const int m = n * 8 + g;
-          uint2 x = make_uint2(0, 0);
-          if (m < M) x = *reinterpret_cast<const uint2*>(stage + L::A + m * A_STRIDE + 32 * j + 8 * t);
-          uint32_t b[4];
-          fp8x4_to_half2x2(x.x, b[0], b[1]);
-          fp8x4_to_half2x2(x.y, b[2], b[3]);
-          mma_f16(part[n], a_lo, b[0], b[1]);
-          mma_f16(part[n], a_hi, b[2], b[3]);
-        }
-        if ((j + 1) % WORDS_PER_GROUP == 0) {
-          const int q = j / WORDS_PER_GROUP;
-          const float s0 = group_scale(sc[g * SUB + q]), s1 = group_scale(sc[(g + 8) * SUB + q]);
-#pragma unroll
-          for (int n = 0; n < NT; ++n) {
-            acc[n][0] = fmaf(part[n][0], s0, acc[n][0]);
-            acc[n][1] = fmaf(part[n][1], s0, acc[n][1]);
-            acc[n][2] = fmaf(part[n][2], s1, acc[n][2]);
-            acc[n][3] = fmaf(part[n][3], s1, acc[n][3]);
-            part[n][0] = part[n][1] = part[n][2] = part[n][3] = 0.f;
-          }
-        }
-      }
-    }
-    cp_async_wait<0>();
+  for (int i = 0; i < S - 1; ++i) {
+    if (i < chunks) load(i, wr, false, true);
+    cp_async_commit();
+    wr += BYTES;
   }
+  for (int i = 0; i < chunks; ++i) {
+    cp_async_wait<S - 2>();
+    sync();  // chunk i has landed for every thread; every reader is done with chunk i - 1's stage
+    if (i + S - 1 < chunks) load(i + S - 1, wr, true, true);
+    cp_async_commit();
+    wr = wr == (S - 1) * BYTES ? 0 : wr + BYTES;
+    compute(rd);
+    rd = rd == (S - 1) * BYTES ? 0 : rd + BYTES;
+  }
+  cp_async_wait<0>();
+}
 
-  // acc[j][i]: row n = tile*16 + g + 8*(i >> 1), token m = 8j + 2t + (i & 1).
-  const int npad = ntiles * 16;
+// One 128-wide K chunk of one 16-row tile: w0, w1 = the lane's layout vectors (rows g and g + 8),
+// act = the chunk's activations in shared memory (token m's 128 bytes at act + m * A_STRIDE), sc =
+// the tile's shifts of the chunk (16 rows x SUB). The group's power of two is applied one of two
+// ways, both exact:
+// - SCALE_W false: FP32 partial sums per 32-code group in part, scaled by 2^(14 + shift) into acc
+//   (few tokens: a few FMAs per group);
+// - SCALE_W true: the decoded FP16 weights (value * 2^-14) times 2^shift, an FP16 multiply that is
+//   exact because value * 2^(shift - 14) (value a multiple of 0.5, shift >= -5) is a multiple of
+//   2^-20, within FP16's reach; acc then holds the sum times 2^-14 (many tokens: no second set of
+//   accumulators; part is unused).
+template <int NT, int SUB, bool SCALE_W>
+__device__ __forceinline__ void mma_chunk(float (&acc)[NT][4], float (&part)[NT][4], const uint4& w0, const uint4& w1,
+                                          const uint8_t* act, const int8_t* sc, int g, int t, int M) {
+  constexpr int WORDS_PER_GROUP = 4 / SUB;
+  const uint32_t W0[4] = {w0.x, w0.y, w0.z, w0.w}, W1[4] = {w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    uint32_t r0[4], r1[4];  // rows g and g + 8
+    decode(W0[j], r0);
+    decode(W1[j], r1);
+    if constexpr (SCALE_W) {
+      const int q = j / WORDS_PER_GROUP;
+      const uint32_t s0 = half2_pow2(sc[g * SUB + q]), s1 = half2_pow2(sc[(g + 8) * SUB + q]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        r0[i] = hmul2(r0[i], s0);
+        r1[i] = hmul2(r1[i], s1);
+      }
+    }
+    const uint32_t a_lo[4] = {r0[0], r1[0], r0[1], r1[1]}, a_hi[4] = {r0[2], r1[2], r0[3], r1[3]};
+    float(&sum)[NT][4] = SCALE_W ? acc : part;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const int m = n * 8 + g;
+      uint2 x = make_uint2(0, 0);
+      if (m < M) x = *reinterpret_cast<const uint2*>(act + m * A_STRIDE + 32 * j + 8 * t);
+      uint32_t b[4];
+      fp8x4_to_half2x2(x.x, b[0], b[1]);
+      fp8x4_to_half2x2(x.y, b[2], b[3]);
+      mma_f16(sum[n], a_lo, b[0], b[1]);
+      mma_f16(sum[n], a_hi, b[2], b[3]);
+    }
+    if (!SCALE_W && (j + 1) % WORDS_PER_GROUP == 0) {
+      const int q = j / WORDS_PER_GROUP;
+      const float s0 = group_scale(sc[g * SUB + q]), s1 = group_scale(sc[(g + 8) * SUB + q]);
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        acc[n][0] = fmaf(part[n][0], s0, acc[n][0]);
+        acc[n][1] = fmaf(part[n][1], s0, acc[n][1]);
+        acc[n][2] = fmaf(part[n][2], s1, acc[n][2]);
+        acc[n][3] = fmaf(part[n][3], s1, acc[n][3]);
+        part[n][0] = part[n][1] = part[n][2] = part[n][3] = 0.f;
+      }
+    }
+  }
+}
+
+// What the epilogue needs besides the accumulators.
+struct Epilogue {
+  const float* a_scale;
+  const float* w_scale;
+  const float* bias;
+  const float* lorc_t;
+  const float* lorc_u;
+  int lorc_rank;
+  void* out;
+  int out_bf16;
+  float* ws;
+  int* counters;
+  int M, N, ldo;
+};
+
+// acc[j][i]: row n = tile*16 + g + 8*(i >> 1), token m = 8j + 2t + (i & 1). With K split over
+// gridDim.y CTAs, each CTA stores its partial sums in the workspace and the last CTA of its column
+// block (blockIdx.x; an arrival counter, reset by that CTA) adds them in split order
+// (deterministic), then scales, LoRC, bias and the output store.
+template <int NT>
+__device__ __forceinline__ void epilogue(float (&acc)[NT][4], const Epilogue& p, int tile, int ntiles, int g, int t) {
+  const int M = p.M, splits = gridDim.y, npad = ntiles * 16;
   if (splits > 1) {
     if (tile < ntiles) {
 #pragma unroll
@@ -252,16 +259,16 @@ __global__ void __launch_bounds__(WARPS * 32) w4a8_gemm_kernel(
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int m = 8 * j + 2 * t + (i & 1), n = tile * 16 + g + 8 * (i >> 1);
-          if (m < M) __stcg(ws + (static_cast<size_t>(blockIdx.y) * M + m) * npad + n, acc[j][i]);
+          if (m < M) __stcg(p.ws + (static_cast<size_t>(blockIdx.y) * M + m) * npad + n, acc[j][i]);
         }
     }
     __threadfence();
     __syncthreads();
     __shared__ int last;
     if (threadIdx.x == 0) {
-      const int prev = atomicAdd(counters + blockIdx.x, 1);
+      const int prev = atomicAdd(p.counters + blockIdx.x, 1);
       last = prev == splits - 1;
-      if (last) counters[blockIdx.x] = 0;
+      if (last) p.counters[blockIdx.x] = 0;
     }
     __syncthreads();
     if (!last) return;
@@ -274,7 +281,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a8_gemm_kernel(
           const int m = 8 * j + 2 * t + (i & 1), n = tile * 16 + g + 8 * (i >> 1);
           float v = 0.f;
           if (m < M)
-            for (int s = 0; s < splits; ++s) v += __ldcg(ws + (static_cast<size_t>(s) * M + m) * npad + n);
+            for (int s = 0; s < splits; ++s) v += __ldcg(p.ws + (static_cast<size_t>(s) * M + m) * npad + n);
           acc[j][i] = v;
         }
     }
@@ -285,20 +292,191 @@ __global__ void __launch_bounds__(WARPS * 32) w4a8_gemm_kernel(
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int m = 8 * j + 2 * t + (i & 1), n = tile * 16 + g + 8 * (i >> 1);
-      if (m >= M || n >= N) continue;
-      const float as = a_scale[m];
-      float y = acc[j][i] * as * w_scale[n];
-      if (lorc_rank > 0) {
+      if (m >= M || n >= p.N) continue;
+      const float as = p.a_scale[m];
+      float y = acc[j][i] * as * p.w_scale[n];
+      if (p.lorc_rank > 0) {
         float z = 0.f;
-        for (int r = 0; r < lorc_rank; ++r) z += lorc_t[m * lorc_rank + r] * lorc_u[n * lorc_rank + r];
+        for (int r = 0; r < p.lorc_rank; ++r) z += p.lorc_t[m * p.lorc_rank + r] * p.lorc_u[n * p.lorc_rank + r];
         y += z * as;
       }
-      if (bias != nullptr) y += bias[n];
-      if (out_bf16)
-        reinterpret_cast<__nv_bfloat16*>(out)[static_cast<size_t>(m) * ldo + n] = __float2bfloat16_rn(y);
+      if (p.bias != nullptr) y += p.bias[n];
+      if (p.out_bf16)
+        reinterpret_cast<__nv_bfloat16*>(p.out)[static_cast<size_t>(m) * p.ldo + n] = __float2bfloat16_rn(y);
       else
-        reinterpret_cast<float*>(out)[static_cast<size_t>(m) * ldo + n] = y;
+        reinterpret_cast<float*>(p.out)[static_cast<size_t>(m) * p.ldo + n] = y;
     }
+}
+
+// Each warp streams its tile's K range chunk by chunk through its own ring of Stages<NT>
+// shared-memory stages (cp.async; the warp's lanes read what other lanes copied, so one __syncwarp
+// per chunk and no CTA barrier): the copies of the next Stages - 1 chunks are in flight while a
+// chunk is decoded and multiplied, and registers hold one chunk only.
+template <int NT, int SUB>
+__global__ void __launch_bounds__(WARPS * 32) w4a8_gemm_kernel(const uint4* __restrict__ wt,
+                                                                const int8_t* __restrict__ st,
+                                                                const uint8_t* __restrict__ a, int K, int lda, int KC,
+                                                                int chunks_per_split, const Epilogue ep) {
+  using L = Stage<NT, SUB>;
+  constexpr int S = Stages<NT>::value;
+  const int M = ep.M, N = ep.N;
+  constexpr int AV = 2 * NT;  // activation vectors per lane per chunk: 8 * NT rows x 8 vectors / 32 lanes
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int ntiles = (N + 15) >> 4;
+  const int tile = blockIdx.x * WARPS + warp;
+  const int c_begin = blockIdx.y * chunks_per_split;
+  const int chunks = tile < ntiles ? max(0, min(KC, c_begin + chunks_per_split) - c_begin) : 0;
+
+  float acc[NT][4], part[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = part[j][i] = 0.f;
+
+  uint8_t* ring = smem + warp * S * L::BYTES;
+  const uint32_t ring_addr = smem_addr(ring);
+  uint64_t policy = 0;
+#if FPX_EVICT_FIRST
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+#endif
+  // This lane's copies per chunk: two weight vectors, (lane < SUB) one shift vector, and the
+  // activation vectors v = lane + 32 r of rows m = v / 8 < M (bytes 16 (v % 8) of the chunk;
+  // zeros past K).
+  const uint4* w_src = wt + (static_cast<size_t>(tile) * KC + c_begin) * 64 + lane;
+  const int8_t* s_src = st + (static_cast<size_t>(tile) * KC + c_begin) * 16 * SUB + lane * 16;
+  const uint8_t* a_src[AV];
+  uint32_t a_dst[AV];
+  int a_left[AV];  // bytes of the row from this vector's first chunk to K; <= 0: not copied
+#pragma unroll
+  for (int r = 0; r < AV; ++r) {
+    const int v = lane + 32 * r, m = v >> 3, kk = c_begin * 128 + (v & 7) * 16;
+    a_src[r] = a + static_cast<size_t>(m < M ? m : 0) * lda + kk;
+    a_dst[r] = L::A + m * A_STRIDE + (v & 7) * 16;
+    a_left[r] = m < M ? K - kk : -(1 << 30);
+  }
+  // The warps start at different chunks of their range (FPX_ROTATE), so that concurrent copies
+  // spread over the address space instead of all reading the same offset of their tiles.
+  const int rot = FPX_ROTATE && chunks > 0 ? (tile * 5) % chunks : 0;
+  // chunk c_begin + (i0 + rot) % chunks into the stage at byte offset `stage`: its weights and
+  // shifts (which no earlier kernel writes) and/or its activations
+  auto load = [&](int i0, uint32_t stage, bool weights, bool acts) {
+    const int i = i0 + rot < chunks ? i0 + rot : i0 + rot - chunks;
+    const uint32_t base = ring_addr + stage;
+    if (weights) {
+      cp_async16_stream(base + L::W + lane * 16, w_src + i * 64, policy);
+      cp_async16_stream(base + L::W + (lane + 32) * 16, w_src + i * 64 + 32, policy);
+      if (lane < SUB) cp_async16(base + L::S + lane * 16, s_src + i * 16 * SUB, 16);
+    }
+    if (acts)
+#pragma unroll
+      for (int r = 0; r < AV; ++r) {
+        const int left = a_left[r] - i * 128;
+        if (left > -(1 << 29)) cp_async16(base + a_dst[r], left > 0 ? a_src[r] + i * 128 : a_src[r], left > 0 ? 16 : 0);
+      }
+  };
+
+  run_ring<S, L::BYTES>(chunks, load, [] { __syncwarp(); }, [&](uint32_t rd) {
+    const uint8_t* stage = ring + rd;
+    const uint4* wv = reinterpret_cast<const uint4*>(stage + L::W);
+    mma_chunk<NT, SUB, false>(acc, part, wv[lane], wv[lane + 32], stage + L::A,
+                              reinterpret_cast<const int8_t*>(stage + L::S), g, t, M);
+  });
+  epilogue<NT>(acc, ep, tile, ntiles, g, t);
+}
+
+// The wide kernel (17-128 tokens): tiles per CTA and pipeline stages (offline-tuned, as above).
+#ifndef FPX_WIDE_WARPS
+#define FPX_WIDE_WARPS 4
+#endif
+#ifndef FPX_WIDE_STAGES
+#define FPX_WIDE_STAGES 4
+#endif
+constexpr int WIDE_WARPS = FPX_WIDE_WARPS;
+
+// Shared memory of one stage of the wide kernel (one K chunk for the whole CTA): the weights of its
+// WIDE_WARPS tiles, their shifts, and the activations of 8 * NT token rows (row stride A_STRIDE).
+template <int NT, int SUB>
+struct WideStage {
+  static constexpr int W = 0;
+  static constexpr int S = W + WIDE_WARPS * 64 * 16;
+  static constexpr int A = S + WIDE_WARPS * 16 * SUB;
+  static constexpr int BYTES = A + 8 * NT * A_STRIDE;
+};
+
+// 17-128 tokens, where the activations outweigh a tile's weights: the CTA's warps (one 16-row
+// tile each) walk their K range together through one ring of FPX_WIDE_STAGES shared stages
+// (cp.async, one CTA barrier per chunk), so each chunk's activations are copied once per CTA, not
+// once per warp. The MMAs and the epilogue are the few-token kernel's.
+template <int NT, int SUB>
+__global__ void __launch_bounds__(WIDE_WARPS * 32) w4a8_gemm_wide_kernel(const uint4* __restrict__ wt,
+                                                                         const int8_t* __restrict__ st,
+                                                                         const uint8_t* __restrict__ a, int K,
+                                                                         int lda, int KC, int chunks_per_split,
+                                                                         const Epilogue ep) {
+  using L = WideStage<NT, SUB>;
+  constexpr int S = FPX_WIDE_STAGES, THREADS = WIDE_WARPS * 32;
+  constexpr int AV = 64 * NT / THREADS;  // activation vectors per thread per chunk: 8 * NT rows x 8 vectors
+  static_assert(AV * THREADS == 64 * NT, "activation vectors must divide among the CTA's threads");
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int M = ep.M, ntiles = (ep.N + 15) >> 4;
+  const int tile = blockIdx.x * WIDE_WARPS + warp;
+  const bool own = tile < ntiles;
+  const int c_begin = blockIdx.y * chunks_per_split;
+  const int chunks = max(0, min(KC, c_begin + chunks_per_split) - c_begin);
+
+  float acc[NT][4];  // the sums times 2^-14 (mma_chunk with SCALE_W)
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+
+  const uint32_t ring_addr = smem_addr(smem);
+  uint64_t policy = 0;
+#if FPX_EVICT_FIRST
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+#endif
+  // This thread's copies per chunk: its warp's two weight vectors and (lane < SUB) shift vector,
+  // and the activation vectors v = threadIdx.x + THREADS r of rows m = v / 8 < M (bytes 16 (v % 8)
+  // of the chunk).
+  const size_t first = (static_cast<size_t>(own ? tile : 0) * KC + c_begin);
+  const uint4* w_src = wt + first * 64 + lane;
+  const int8_t* s_src = st + first * 16 * SUB + lane * 16;
+  const int rot = FPX_ROTATE && chunks > 0 ? (blockIdx.x * 5) % chunks : 0;  // CTAs start at different chunks
+  auto load = [&](int i0, uint32_t stage, bool weights, bool acts) {
+    const int i = i0 + rot < chunks ? i0 + rot : i0 + rot - chunks;
+    const uint32_t base = ring_addr + stage;
+    if (weights && own) {
+      cp_async16_stream(base + L::W + (warp * 64 + lane) * 16, w_src + i * 64, policy);
+      cp_async16_stream(base + L::W + (warp * 64 + lane + 32) * 16, w_src + i * 64 + 32, policy);
+      if (lane < SUB) cp_async16(base + L::S + (warp * SUB + lane) * 16, s_src + i * 16 * SUB, 16);
+    }
+    if (acts)
+#pragma unroll
+      for (int r = 0; r < AV; ++r) {
+        const int v = threadIdx.x + THREADS * r, m = v >> 3, kk = (c_begin + i) * 128 + (v & 7) * 16;
+        if (m < M)  // zeros past K (K % 32 == 0: a vector is all in or all out)
+          cp_async16(base + L::A + m * A_STRIDE + (v & 7) * 16, a + static_cast<size_t>(m) * lda + (kk < K ? kk : 0),
+                     kk < K ? 16 : 0);
+      }
+  };
+
+  run_ring<S, L::BYTES>(chunks, load, [] { __syncthreads(); }, [&](uint32_t rd) {
+    const uint8_t* stage = smem + rd;
+    if (own) {
+      const uint4* wv = reinterpret_cast<const uint4*>(stage + L::W) + warp * 64;
+      mma_chunk<NT, SUB, true>(acc, acc, wv[lane], wv[lane + 32], stage + L::A,
+                               reinterpret_cast<const int8_t*>(stage + L::S) + warp * 16 * SUB, g, t, M);
+    }
+  });
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] *= 16384.f;
+  epilogue<NT>(acc, ep, tile, ntiles, g, t);
 }
 
 // One thread per 32 codes (one 16-byte vector of the layout) -> 32 E4M3 bytes of row n.
@@ -336,34 +514,48 @@ __global__ void weight_to_fp8_kernel(const uint4* __restrict__ wt, const int8_t*
   }
 }
 
-template <int NT, int SUB>
-cudaError_t launch(const void* wt, const int8_t* st, const uint8_t* a, const float* a_scale, const float* w_scale,
-                   const float* bias, const float* lorc_t, const float* lorc_u, int lorc_rank, void* out, int out_bf16,
-                   float* ws, int* counters, int m, int n, int k, int lda, int ldo, int kc, int splits,
-                   cudaStream_t stream) {
-  const int ntiles = (n + 15) / 16;
-  const int per_split = (kc + splits - 1) / splits;
-  const dim3 grid((ntiles + WARPS - 1) / WARPS, splits);
-  const int smem = WARPS * Stages<NT>::value * Stage<NT, SUB>::BYTES;
-  const cudaError_t e = cudaFuncSetAttribute(w4a8_gemm_kernel<NT, SUB>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+// grid = (column blocks of `warps` tiles, splits); chunks_per_split = ceil(kc / splits).
+// grid = (column blocks of `warps` tiles, splits); chunks_per_split = ceil(kc / splits). pdl: may
+// start before the previous kernel in the stream has finished (programmatic dependent launch; the
+// kernel waits for it before it reads the activations or touches the workspace).
+template <typename... Args>
+cudaError_t launch(void (*kernel)(Args...), int warps, int smem, const void* wt, const int8_t* st, const uint8_t* a,
+                   int k, int lda, int kc, int splits, const Epilogue& ep, int pdl, cudaStream_t stream) {
+  const int ntiles = (ep.N + 15) / 16;
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
-  w4a8_gemm_kernel<NT, SUB><<<grid, WARPS * 32, smem, stream>>>(
-      static_cast<const uint4*>(wt), st, a, a_scale, w_scale, bias, lorc_t, lorc_u, lorc_rank, out, out_bf16, ws,
-      counters, m, n, k, lda, ldo, kc, per_split);
-  return cudaGetLastError();
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = pdl != 0;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((ntiles + warps - 1) / warps, splits);
+  cfg.blockDim = dim3(warps * 32);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<const uint4*>(wt), st, a, k, lda, kc, (kc + splits - 1) / splits,
+                            ep);
 }
 
+// NT token tiles of 8: the few-token kernel up to NT = 2 (16 tokens), the wide kernel beyond.
 template <int NT>
-cudaError_t launch_sub(int sub, const void* wt, const int8_t* st, const uint8_t* a, const float* a_scale,
-                       const float* w_scale, const float* bias, const float* lorc_t, const float* lorc_u,
-                       int lorc_rank, void* out, int out_bf16, float* ws, int* counters, int m, int n, int k,
-                       int lda, int ldo, int kc, int splits, cudaStream_t stream) {
+cudaError_t launch_nt(int sub, const void* wt, const int8_t* st, const uint8_t* a, int k, int lda, int kc, int splits,
+                      const Epilogue& ep, int pdl, cudaStream_t stream) {
+#define FPX_LAUNCH(SUB)                                                                                          \
+  if constexpr (NT <= 2)                                                                                         \
+    return launch(w4a8_gemm_kernel<NT, SUB>, WARPS, WARPS * Stages<NT>::value * Stage<NT, SUB>::BYTES, wt, st, a, \
+                  k, lda, kc, splits, ep, pdl, stream);                                                               \
+  else                                                                                                           \
+    return launch(w4a8_gemm_wide_kernel<NT, SUB>, WIDE_WARPS, FPX_WIDE_STAGES * WideStage<NT, SUB>::BYTES, wt, st, \
+                  a, k, lda, kc, splits, ep, pdl, stream);
   switch (sub) {
-    case 1: return launch<NT, 1>(wt, st, a, a_scale, w_scale, bias, lorc_t, lorc_u, lorc_rank, out, out_bf16, ws, counters, m, n, k, lda, ldo, kc, splits, stream);
-    case 2: return launch<NT, 2>(wt, st, a, a_scale, w_scale, bias, lorc_t, lorc_u, lorc_rank, out, out_bf16, ws, counters, m, n, k, lda, ldo, kc, splits, stream);
-    case 4: return launch<NT, 4>(wt, st, a, a_scale, w_scale, bias, lorc_t, lorc_u, lorc_rank, out, out_bf16, ws, counters, m, n, k, lda, ldo, kc, splits, stream);
+    case 1: FPX_LAUNCH(1)
+    case 2: FPX_LAUNCH(2)
+    case 4: FPX_LAUNCH(4)
     default: return cudaErrorInvalidValue;
   }
+#undef FPX_LAUNCH
 }
 
 }  // namespace
@@ -372,18 +564,18 @@ extern "C" int fp_export_w4a8_gemm(const void* wt, const int8_t* st, const uint8
                                    const float* w_scale, const float* bias, const float* lorc_t,
                                    const float* lorc_u, int lorc_rank, void* out, int out_bf16, float* ws,
                                    int* counters, int m, int n, int k, int lda, int ldo, int kc, int sub,
-                                   int splits, cudaStream_t stream) {
-  if (m <= 0 || m > 64 || n <= 0 || k <= 0 || k % 32 || kc * 128 < k || lda % 16 || splits < 1 || splits > kc ||
+                                   int splits, int pdl, cudaStream_t stream) {
+  if (m <= 0 || m > 128 || n <= 0 || k <= 0 || k % 32 || kc * 128 < k || lda % 16 || splits < 1 || splits > kc ||
       (reinterpret_cast<uintptr_t>(a) % 16) || (reinterpret_cast<uintptr_t>(wt) % 16) ||
       (reinterpret_cast<uintptr_t>(st) % 16) || (splits > 1 && (ws == nullptr || counters == nullptr)))
     return cudaErrorInvalidValue;
-#define FPX_ARGS wt, st, a, a_scale, w_scale, bias, lorc_t, lorc_u, lorc_rank, out, out_bf16, ws, counters, m, n, k, lda, ldo, kc, splits, stream
+  const Epilogue ep{a_scale, w_scale, bias, lorc_t, lorc_u, lorc_rank, out, out_bf16, ws, counters, m, n, ldo};
   cudaError_t e;
-  if (m <= 8) e = launch_sub<1>(sub, FPX_ARGS);
-  else if (m <= 16) e = launch_sub<2>(sub, FPX_ARGS);
-  else if (m <= 32) e = launch_sub<4>(sub, FPX_ARGS);
-  else e = launch_sub<8>(sub, FPX_ARGS);
-#undef FPX_ARGS
+  if (m <= 8) e = launch_nt<1>(sub, wt, st, a, k, lda, kc, splits, ep, pdl, stream);
+  else if (m <= 16) e = launch_nt<2>(sub, wt, st, a, k, lda, kc, splits, ep, pdl, stream);
+  else if (m <= 32) e = launch_nt<4>(sub, wt, st, a, k, lda, kc, splits, ep, pdl, stream);
+  else if (m <= 64) e = launch_nt<8>(sub, wt, st, a, k, lda, kc, splits, ep, pdl, stream);
+  else e = launch_nt<16>(sub, wt, st, a, k, lda, kc, splits, ep, pdl, stream);
   return static_cast<int>(e);
 }
 

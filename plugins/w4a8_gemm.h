@@ -1,5 +1,5 @@
 // fp-export: W4A8 GEMM for few tokens (FP4 shift-cast weights x FP8 E4M3 activations on
-// mma.sync m16n8k32) and the FP4 -> FP8 cast of its weight layout. C API (ctypes); the layout
+// mma.sync m16n8k16, FP16 inputs) and the FP4 -> FP8 cast of its weight layout. C API (ctypes); the layout
 // and the semantics are documented in fp_export/runtime/w4a8_gemm.py.
 #pragma once
 #include <cuda_runtime_api.h>
@@ -14,11 +14,13 @@ extern "C" {
 // lorc_rank > 0. wt: uint8 [tiles, kc, 2, 32, 16]; st: int8 [tiles, kc, 16, sub] (both 16-byte aligned); a: E4M3 bits
 // [m, lda]; out: float32 (out_bf16 = 0) or bfloat16 [m, ldo]. splits > 1 needs ws (float32,
 // splits * m * tiles * 16) and counters (int32, >= ceil(tiles / 4), all zero; left zero).
+// m <= 128. pdl != 0: programmatic dependent launch (the kernel may start before the previous
+// kernel in the stream has finished; it reads its weights early and waits before anything else).
 // Returns a cudaError_t value.
 int fp_export_w4a8_gemm(const void* wt, const int8_t* st, const uint8_t* a, const float* a_scale,
                         const float* w_scale, const float* bias, const float* lorc_t, const float* lorc_u,
                         int lorc_rank, void* out, int out_bf16, float* ws, int* counters, int m, int n, int k,
-                        int lda, int ldo, int kc, int sub, int splits, cudaStream_t stream);
+                        int lda, int ldo, int kc, int sub, int splits, int pdl, cudaStream_t stream);
 
 // E4M3 bits uint8 [n, k] (row-major) of the weight layout above.
 int fp_export_w4a8_weight_to_fp8(const void* wt, const int8_t* st, uint8_t* out, int n, int k, int kc, int sub,

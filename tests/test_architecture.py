@@ -109,6 +109,27 @@ def test_w4a8_layout_bits_are_the_kernels_decode():
     assert sorted([b for m in MAG_AT for b in range(m, m + 3)] + list(SIGN_AT)) == list(range(32))
 
 
+def test_wide_kernel_weight_scaling_is_exact_and_tiles_agree():
+    """The wide W4A8 kernel multiplies each decoded FP16 weight (value * 2^-14) by the FP16 2^shift
+    it builds as bits (shift + 15) << 10: exact for every code and legal shift (numpy's float16
+    multiply rounds to nearest even, as mul.rn.f16x2); and the Python split rule's tiles per CTA
+    are the kernel's."""
+    import numpy as np
+
+    from fp_export.numerics.fp4_to_fp8 import SHIFT_MAX, SHIFT_MIN
+    from fp_export.runtime.w4a8_gemm import WIDE_TILES
+
+    src = (ROOT / "plugins" / "w4a8_gemm.cu").read_text()
+    assert "const uint32_t h = static_cast<uint32_t>(shift + 15) << 10;" in src
+    assert re.search(r"#define FPX_WIDE_WARPS (\d+)", src).group(1) == str(WIDE_TILES)
+    codes = np.arange(16, dtype=np.uint16)
+    w = (((codes & 7) << 9) | ((codes >> 3) << 15)).view(np.float16)
+    for shift in range(SHIFT_MIN, SHIFT_MAX + 1):
+        s = np.array([(shift + 15) << 10], dtype=np.uint16).view(np.float16)
+        assert s[0] == 2.0**shift
+        assert np.array_equal((w * s).astype(np.float64), w.astype(np.float64) * 2.0**shift), shift
+
+
 def test_fp16_placement_is_the_fp4_value_times_2_pow_minus_14():
     """An E2M1 code s|e1 e0 m placed as FP16 bits s << 15 | (e1 e0 m) << 9 (the W4A8 kernel's
     decode) is the code's value times 2^-14: all 16 codes, against ml_dtypes' float4_e2m1fn."""

@@ -60,7 +60,7 @@ def test_reference_matches_independent_dequantization(n, k, g):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 16, 100, 512, 4096])
+@pytest.mark.parametrize("m", [1, 16, 24, 40, 100, 512, 4096])
 @pytest.mark.parametrize("n,k,g", SHAPES)
 def test_gemm_matches_float64_reference(m, n, k, g):
     from fp_export.runtime.fused_quant import quantize_rows
@@ -69,7 +69,7 @@ def test_gemm_matches_float64_reference(m, n, k, g):
     x = torch.randn(m, k, device="cuda") * torch.logspace(-2, 2, m, device="cuda")[:, None]
     xq, xs = quantize_rows(x)
     ref = W.reference(xq.float().cpu(), xs.cpu(), w)
-    paths = ["mma", "scaled_mm"] if m <= 64 else ["scaled_mm"]
+    paths = ["mma", "scaled_mm"] if m <= W.MMA_MAX_M else ["scaled_mm"]
     for path in paths:
         for splits in ([1, 3] if path == "mma" else [None]):
             y = W.gemm(xq, xs, w, out_dtype=torch.float32, splits=splits, path=path)
@@ -115,3 +115,17 @@ def test_fused_quantizers_match_unfused():
     q3, s3 = silu_mul_quant(gate, up)
     qr, sr = quantize_rows(ref)
     assert torch.allclose(s3, sr, rtol=2**-7) and (q3.float() != qr.float()).float().mean() < 0.01
+
+
+def test_pdl_switch(monkeypatch):
+    """Programmatic dependent launch: CUDA devices of capability >= 9.0 only, off with FP_EXPORT_PDL=0."""
+    from fp_export.runtime import pdl
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.delenv("FP_EXPORT_PDL", raising=False)
+    assert pdl.enabled("cuda:0") and not pdl.enabled("cpu")
+    monkeypatch.setenv("FP_EXPORT_PDL", "0")
+    assert not pdl.enabled("cuda:0")
+    monkeypatch.setenv("FP_EXPORT_PDL", "1")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not pdl.enabled("cuda:0")

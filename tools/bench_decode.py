@@ -9,12 +9,15 @@ step, fused RMSNorm/SiLU-mul FP8 quantization), on
 Decode: greedy, prompt of 32 random tokens, ``--steps`` timed steps after a warm-up generation;
 tokens/s = batch * steps / time, latency = time / steps (sampling and Python included).
 Prefill: one 2048-token sequence, eager (no graph), tokens/s. 3 runs each; median and spread.
+W4A8 also runs without programmatic dependent launch (``FP_EXPORT_PDL=0`` while that engine is built
+and timed), the A/B of ``runtime.pdl`` in the same run.
 Usage: python tools/bench_decode.py --checkpoint CKPT [--out benchmarks]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -81,10 +84,13 @@ def time_prefill(eng: DecodeEngine, vocab: int, tokens: int = 2048, runs: int = 
 def bench_model(name, model, kinds: dict, vocab: int, steps: int, prefill: bool) -> dict:
     res = {}
     for kind, kw in kinds.items():
+        kw = dict(kw)
+        os.environ["FP_EXPORT_PDL"] = "1" if kw.pop("pdl", True) else "0"
         eng = DecodeEngine(model, **kw)
         r = {"decode": [time_decode(eng, vocab, b, steps) for b in BATCHES]}
         if prefill:
             r["prefill"] = time_prefill(eng, vocab)
+        os.environ["FP_EXPORT_PDL"] = "1"
         eng.release()
         del eng
         torch.cuda.empty_cache()
@@ -110,8 +116,12 @@ def markdown(res: dict) -> str:
                       "on `_scaled_mm`): " + ", ".join(f"batch {d['batch']}: {d['tok_s']:.0f} tok/s "
                                                        f"({d['tok_s'] / f['tok_s']:.2f}x FP8)"
                                                        for d, f in zip(r["w4a8_keep_fp8"]["decode"], r["fp8"]["decode"]))]
+        if "w4a8_no_pdl" in r:
+            lines += ["", "W4A8 without programmatic dependent launch: " + ", ".join(
+                f"batch {d['batch']}: {d['tok_s']:.0f} tok/s (PDL: {w['tok_s'] / d['tok_s']:.2f}x)"
+                for d, w in zip(r["w4a8_no_pdl"]["decode"], r["w4a8"]["decode"]))]
         if "prefill" in r["bf16"]:
-            p = {k: r[k]["prefill"] for k in r}
+            p = {k: r[k]["prefill"] for k in r if "prefill" in r[k]}
             lines += ["", "Prefill, 2048 tokens (eager): " + ", ".join(f"{k} {p[k]['tok_s']:.0f} tok/s" for k in p)
                       + f"; W4A8 vs FP8 {p['w4a8']['tok_s'] / p['fp8']['tok_s']:.2f}x", ""]
         lines.append("")
@@ -149,7 +159,8 @@ def main() -> None:
     lin = random_w4a8_linears(cfg, dev)
     r = bench_model("7B", model, {"bf16": {"kind": "bf16"}, "fp8": {"kind": "fp8"},
                                   "w4a8": {"kind": "w4a8", "linears": lin},
-                                  "w4a8_keep_fp8": {"kind": "w4a8", "linears": lin, "keep_fp8": True}},
+                                  "w4a8_keep_fp8": {"kind": "w4a8", "linears": lin, "keep_fp8": True},
+                                  "w4a8_no_pdl": {"kind": "w4a8", "linears": lin, "pdl": False}},
                     cfg.vocab_size, args.steps, prefill=True)
     res["models"][f"LLaMA-2-7B-shaped, random weights ({args.layers} layers, hidden 4096, MLP 11008, 32 heads)"] = r
     args.out.mkdir(parents=True, exist_ok=True)

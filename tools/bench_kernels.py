@@ -5,8 +5,9 @@ gate/up fused as the decode engine runs them; M in {1, 4, 16, 64, 128, 1024, 409
 - BF16: cuBLAS (torch.matmul) on bf16 weights;
 - FP8: ``torch._scaled_mm`` on E4M3 weights with per-token / per-channel scales (W8A8);
 - W4A8: ``fp_export.runtime.w4a8_gemm.gemm`` on the packed FP4 weights ("auto": the mma.sync
-  kernel up to 32 tokens, FP4 -> FP8 cast into a workspace + ``_scaled_mm`` beyond);
-- W4A8 keep-FP8 (M > 32): the same with the FP8 copy kept (no per-call cast).
+  kernels up to ``MMA_M`` tokens, FP4 -> FP8 cast into a workspace + ``_scaled_mm`` beyond);
+- W4A8 keep-FP8 (M > ``MMA_M``): the same with the FP8 copy kept (no per-call cast);
+- W4A8 mma (``MMA_M`` < M <= ``MMA_MAX_M``): the mma.sync path forced, the evidence for the rule.
 All take already-quantized FP8 activations (the quantizer is fused into the producing kernel in
 the engine). Every call is timed inside a CUDA graph of 20 calls (no Python launch overhead, as in
 the engine), weights rotating over enough copies that no call finds its weights in L2; median of
@@ -60,12 +61,14 @@ def bench_shape(name, n, k, dev, copy_tbps):
                                                                       out_dtype=torch.bfloat16) for w, s in zip(w8, w4)], **kw)
         W.gemm(xq, xs, w4[0])  # sizes the workspaces before capture
         res["w4a8"] = graph_time_us([lambda w=w: W.gemm(xq, xs, w) for w in w4], **kw)
-        if m > W.SMALL_M:
+        if W.MMA_M < m <= W.MMA_MAX_M:
+            res["w4a8_mma"] = graph_time_us([lambda w=w: W.gemm(xq, xs, w, path="mma") for w in w4], **kw)
+        if m > W.MMA_M:
             kept = [W.W4A8Weight(w.wt, w.st, w.w_scale, w.n, w.k, w.sub, fp8=f) for w, f in zip(w4, w8)]
             res["w4a8_keep_fp8"] = graph_time_us([lambda w=w: W.gemm(xq, xs, w) for w in kept], **kw)
         wbytes = n * k // 2 + n * (k // GROUP)
         t = res["w4a8"][0]
-        row = {"shape": name, "M": m, "N": n, "K": k, "path": "mma" if m <= W.SMALL_M else "cast+scaled_mm",
+        row = {"shape": name, "M": m, "N": n, "K": k, "path": "mma" if m <= W.MMA_M else "cast+scaled_mm",
                **{f"{key}_us": v[0] for key, v in res.items()}, **{f"{key}_runs_us": v[1] for key, v in res.items()},
                "spread_max": max(spread(v[1]) for v in res.values()),
                "w4a8_vs_bf16": res["bf16"][0] / t, "w4a8_vs_fp8": res["fp8"][0] / t,
@@ -78,7 +81,8 @@ def bench_shape(name, n, k, dev, copy_tbps):
         rows.append(row)
         print(f"{name:12s} M={m:5d}: bf16 {res['bf16'][0]:8.1f} fp8 {res['fp8'][0]:8.1f} w4a8 {t:8.1f} us "
               f"({row['w4a8_vs_bf16']:.2f}x bf16, {row['w4a8_vs_fp8']:.2f}x fp8, {row['w4a8_frac_copy_bw']:.0%} of copy BW)"
-              + (f" keep-fp8 {res['w4a8_keep_fp8'][0]:.1f}" if "w4a8_keep_fp8" in res else ""), flush=True)
+              + (f" keep-fp8 {res['w4a8_keep_fp8'][0]:.1f}" if "w4a8_keep_fp8" in res else "")
+              + (f" mma {res['w4a8_mma'][0]:.1f}" if "w4a8_mma" in res else ""), flush=True)
     del w4, w8, wb
     torch.cuda.empty_cache()
     return rows
@@ -88,14 +92,16 @@ def markdown(res):
     lines = [f"# W4A8 GEMM benchmark on {res['device']}", "",
              f"torch {res['torch']}; measured device-to-device copy bandwidth {res['copy_TBps']:.2f} TB/s (read + write). "
              "Times in us per call, each call timed inside a CUDA graph, weights L2-cold; median of 3 runs. "
-             f"W4A8 = FP4 shift-cast weights (group {GROUP}) x FP8 activations: the mma.sync kernel for M <= {W.SMALL_M}, "
-             "cast + _scaled_mm beyond; keep-FP8 = the FP8 copy kept.", "",
-             "| shape | M | BF16 | FP8 | W4A8 | W4A8 keep-FP8 | vs BF16 | vs FP8 | W4A8 GB/s | % copy BW | spread |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"W4A8 = FP4 shift-cast weights (group {GROUP}) x FP8 activations: the mma.sync kernels for M <= {W.MMA_M}, "
+             "cast + _scaled_mm beyond; keep-FP8 = the FP8 copy kept; mma = the mma.sync path forced "
+             f"(up to {W.MMA_MAX_M} tokens).", "",
+             "| shape | M | BF16 | FP8 | W4A8 | W4A8 keep-FP8 | W4A8 mma | vs BF16 | vs FP8 | W4A8 GB/s | % copy BW | spread |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["gemm"]:
         keep = f"{r['w4a8_keep_fp8_us']:.1f}" if "w4a8_keep_fp8_us" in r else "-"
+        mma = f"{r['w4a8_mma_us']:.1f}" if "w4a8_mma_us" in r else "-"
         lines.append(f"| {r['shape']} ({r['N']}x{r['K']}) | {r['M']} | {r['bf16_us']:.1f} | {r['fp8_us']:.1f} | {r['w4a8_us']:.1f} "
-                     f"| {keep} | {r['w4a8_vs_bf16']:.2f}x | {r['w4a8_vs_fp8']:.2f}x | {r['w4a8_GBps']:.0f} "
+                     f"| {keep} | {mma} | {r['w4a8_vs_bf16']:.2f}x | {r['w4a8_vs_fp8']:.2f}x | {r['w4a8_GBps']:.0f} "
                      f"| {r['w4a8_frac_copy_bw']:.0%} | {r['spread_max']:.1%} |")
     return "\n".join(lines) + "\n"
 

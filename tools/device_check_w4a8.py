@@ -29,7 +29,7 @@ for (m, n, k, g, bias, lorc) in ([] if os.environ.get('SKIP_CHECKS') else [(1, 3
     x = torch.randn(m, k, device=dev) * 3
     xq, xs = quantize_rows(x)
     ref = W.reference(xq.float().cpu(), xs.cpu(), w)
-    for path in (["mma", "scaled_mm"] if m <= 64 else ["scaled_mm"]):
+    for path in (["mma", "scaled_mm"] if m <= W.MMA_MAX_M else ["scaled_mm"]):
         for sp in ([1, 3, 8] if path == "mma" else [None]):
             for dt in (torch.float32, torch.bfloat16):
                 y = W.gemm(xq, xs, w, out_dtype=dt, splits=sp, path=path)

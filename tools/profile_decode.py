@@ -23,7 +23,7 @@ from bench_decode import random_w4a8_linears, time_decode  # noqa: E402
 from fp_export.runtime.engine import DecodeEngine  # noqa: E402
 
 CATEGORIES = [  # (category, kernel-name pattern), first match wins
-    ("W4A8 GEMM (ours)", r"w4a8_gemm_kernel"),
+    ("W4A8 GEMM (ours)", r"w4a8_gemm_(wide_)?kernel"),
     ("RoPE + KV write (ours)", r"_rope_cache"),
     ("norm / SiLU / FP8 quantizers (ours)", r"_rmsnorm_kernel|_silu_mul_quant|_quant_rows"),
     ("attention", r"fmha|attention|flash|softmax|Attention"),

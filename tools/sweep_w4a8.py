@@ -1,15 +1,20 @@
-"""Offline tuning of the W4A8 few-token kernel (``plugins/w4a8_gemm.cu``, issue 10) on one GPU.
+"""Offline tuning of the W4A8 mma.sync kernels (``plugins/w4a8_gemm.cu``, issue 10) on one GPU.
 
-Builds the kernel once per variant of its tuning macros (``FPX_STAGES``: shared-memory pipeline
-stages, 128-wide K chunks in flight per warp, at up to 16 tokens; ``FPX_ROTATE``: each warp starts
-at a different chunk of its K range), and ``--previous``, another version of the source (the kernel
-being replaced), in parallel, then times each variant in its own process: M in ``--ms`` on
-the decode shapes, over split-K counts around the committed rule (``w4a8_gemm.default_splits``),
-weights L2-cold (rotated copies), each call inside a CUDA graph, median of 3 runs
-(``tools/bench_common.py``). Writes ``<out>/w4a8_config.json`` and ``.md``: per variant and shape
-the best split count and its time, against the committed build in the same run.
+Builds the kernel once per variant of its tuning macros, and ``--previous``, another version of the
+source (the kernel being replaced), in parallel, then times each variant in its own process: M in
+``--ms`` on the decode shapes, over split-K counts around the committed rule
+(``w4a8_gemm.default_splits``), weights L2-cold (rotated copies), each call inside a CUDA graph,
+median of 3 runs (``tools/bench_common.py``). ``--kernel``:
+- ``few`` (M <= 16): ``FPX_STAGES`` (128-wide K chunks in flight per warp) x ``FPX_ROTATE`` (each
+  warp starts at a different chunk of its K range); M 1, 4, 16 by default;
+- ``wide`` (17-128 tokens): ``FPX_WIDE_WARPS`` (16-row tiles per CTA) x ``FPX_WIDE_STAGES``; M 32,
+  64, 128 by default, split counts 1-8 around the rule, and FP8 ``_scaled_mm`` (W8A8) timed in the
+  committed build's process as the baseline.
+The committed build is also timed with programmatic dependent launch off (``FP_EXPORT_PDL=0``).
+Writes ``<out>/w4a8_config[_wide].json`` and ``.md``: per variant and shape the best split count and
+its time, against the committed build in the same run.
 
-    PYTHONPATH=$PWD python tools/sweep_w4a8.py --out benchmarks
+    PYTHONPATH=$PWD python tools/sweep_w4a8.py --out benchmarks [--kernel wide]
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ from pathlib import Path
 
 SHAPES = {"K=N=8192": (8192, 8192), "7B qkv": (12288, 4096), "7B o": (4096, 4096), "7B gate_up": (22016, 4096),
           "7B down": (4096, 11008), "70B down": (8192, 28672)}
-STAGES = (2, 3, 4, 6)
-ROTATE = (0, 1)
+VARIANTS = {  # kernel: (macro, values) pairs swept as a product
+    "few": (("FPX_STAGES", (2, 3, 4, 6)), ("FPX_ROTATE", (0, 1))),
+    "wide": (("FPX_WIDE_WARPS", (4, 8)), ("FPX_WIDE_STAGES", (3, 4, 6))),
+}
+DEFAULT_MS = {"few": "1,4,16", "wide": "32,64,128"}
 
 
-def child(ms: list[int]) -> None:
+def child(ms: list[int], kernel: str, baseline: bool) -> None:
     """Time the library named by FP_EXPORT_W4A8_LIB; one JSON line per (shape, M, splits)."""
     import torch
 
@@ -46,10 +54,23 @@ def child(ms: list[int]) -> None:
         ws = [random_weight(n, k, dev) for _ in range(copies_for(n * k // 2))]
         for m in ms:
             xq, xs = quantize_rows(torch.randn(m, k, device=dev, dtype=torch.bfloat16))
+            if baseline:  # W8A8 FP8 on the same shape, L2-cold, as tools/bench_kernels.py times it
+                w8 = [W.weight_to_fp8(w).clone() for w in ws[: copies_for(n * k)]]
+                t, runs = graph_time_us([lambda w=w, s=s: torch._scaled_mm(xq, w.t(), scale_a=xs[:, None],
+                                                                           scale_b=s.w_scale[None, :],
+                                                                           out_dtype=torch.bfloat16)
+                                         for w, s in zip(w8, ws)])
+                print(json.dumps({"shape": name, "N": n, "K": k, "M": m, "splits": 0, "default": False, "us": t,
+                                  "spread": spread(runs), "fp8": True}), flush=True)
+                del w8
             base = W.default_splits(m, n, k)
-            for splits in sorted({max(1, base // 2), base, min(base * 2, ws[0].kc)}):
-                W.gemm(xq, xs, ws[0], splits=splits)  # sizes the workspace before capture
-                t, runs = graph_time_us([lambda w=w: W.gemm(xq, xs, w, splits=splits) for w in ws])
+            near = {max(1, base // 2), base, base * 2} | ({1, 2, 4, 8} if kernel == "wide" else set())
+            for splits in sorted(x for x in near if x <= ws[0].kc):
+                try:  # sizes the workspace before capture; --previous may take fewer tokens
+                    W.gemm(xq, xs, ws[0], splits=splits, path="mma")
+                except W.W4A8Unavailable:
+                    continue
+                t, runs = graph_time_us([lambda w=w: W.gemm(xq, xs, w, splits=splits, path="mma") for w in ws])
                 print(json.dumps({"shape": name, "N": n, "K": k, "M": m, "splits": splits, "default": splits == base,
                                   "us": t, "spread": spread(runs)}), flush=True)
         del ws
@@ -60,37 +81,47 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks"))
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/sweep_w4a8"))
-    ap.add_argument("--ms", default="1,4,16")
+    ap.add_argument("--kernel", choices=tuple(VARIANTS), default="few")
+    ap.add_argument("--ms", help="token counts (default by --kernel)")
     ap.add_argument("--previous", type=Path, help="another w4a8_gemm.cu to time beside the variants")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.ms = args.ms or DEFAULT_MS[args.kernel]
     ms = [int(m) for m in args.ms.split(",")]
     if args.child:
-        return child(ms)
+        return child(ms, args.kernel, args.baseline)
     import torch
 
     from fp_export.runtime.kernels import compile_cuda
     from fp_export.runtime.w4a8_gemm import LIB_NAME, W4A8Unavailable, build_library
 
-    variants = [None] + [{"FPX_STAGES": s, "FPX_ROTATE": r} for s, r in itertools.product(STAGES, ROTATE)]
-    names = ["committed"] + [f"S{v['FPX_STAGES']}_R{v['FPX_ROTATE']}" for v in variants[1:]]
+    macros = VARIANTS[args.kernel]
+    variants = [None] + [dict(zip((m for m, _ in macros), vals)) for vals in itertools.product(*(v for _, v in macros))]
+    names = ["committed"] + ["_".join(f"{k.split('_')[-1]}{x}" for k, x in v.items()) for v in variants[1:]]
     builds = [lambda nv=nv: build_library(args.workdir / nv[0], nv[1]) for nv in zip(names, variants)]
-    if args.previous:
+    if args.previous:  # a source with the same C API
         names.append("previous")
         variants.append(None)
         builds.append(lambda: compile_cuda(args.previous.resolve(), LIB_NAME, args.workdir / "previous", W4A8Unavailable))
+    names.append("committed, no PDL")  # the committed library again
+    variants.append(None)
+    builds.append(lambda: None)
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         libs = list(pool.map(lambda build: build(), builds))
+    libs = [lib or libs[0] for lib in libs]
     rows = []
     for name, v, lib in zip(names, variants, libs):
-        env = {**os.environ, "FP_EXPORT_W4A8_LIB": str(lib)}
-        r = subprocess.run([sys.executable, __file__, "--child", "--ms", args.ms], env=env, capture_output=True,
-                           text=True)
+        env = {**os.environ, "FP_EXPORT_W4A8_LIB": str(lib), "FP_EXPORT_PDL": "0" if "no PDL" in name else "1"}
+        cmd = [sys.executable, __file__, "--child", "--kernel", args.kernel, "--ms", args.ms]
+        r = subprocess.run(cmd + (["--baseline"] if name == "committed" and args.kernel == "wide" else []), env=env,
+                           capture_output=True, text=True)
         if r.returncode:
             print(f"{name}: failed\n{r.stderr[-2000:]}", flush=True)
             continue
         for line in r.stdout.splitlines():
-            rows.append({"variant": name, "defines": v, **json.loads(line)})
+            row = json.loads(line)
+            rows.append({"variant": "fp8" if row.pop("fp8", False) else name, "defines": v, **row})
         print(f"{name}: {len(r.stdout.splitlines())} timings", flush=True)
     best: dict = {}
     for r in rows:
@@ -99,15 +130,16 @@ def main() -> None:
             best[key] = r
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "w4a8_config.json").write_text(json.dumps(report, indent=1) + "\n")
+    stem = "w4a8_config" + ("_wide" if args.kernel == "wide" else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     shapes = list(SHAPES)
-    md = [f"# W4A8 few-token kernel: tuning sweep on {report['device']}", "",
+    md = [f"# W4A8 {args.kernel} kernel: tuning sweep on {report['device']}", "",
           "`tools/sweep_w4a8.py`: each variant built with its macros and timed in its own process (L2-cold weights, "
           "CUDA graphs, median of 3 runs); per shape and M the best split count's time in us, and in brackets the "
           "time at the committed split rule. Ratio: committed build's best / the variant's best, geometric mean.", "",
           "| variant | " + " | ".join(f"{s} M={m}" for s in shapes for m in ms) + " | ratio |",
           "|---|" + "---|" * (len(shapes) * len(ms) + 1)]
-    for name in names:
+    for name in names + (["fp8"] if args.kernel == "wide" else []):
         cells, ratios = [], []
         for s in shapes:
             for m in ms:
@@ -121,7 +153,7 @@ def main() -> None:
         for x in ratios:
             gm *= x ** (1 / len(ratios)) if ratios else 1
         md.append(f"| {name} | " + " | ".join(cells) + f" | {gm:.3f}x |")
-    (args.out / "w4a8_config.md").write_text("\n".join(md) + "\n")
+    (args.out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md), flush=True)
 
 

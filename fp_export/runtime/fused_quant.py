@@ -10,6 +10,9 @@
   PyTorch does) followed by the token quantizer;
 - ``quantize_rows``: the token quantizer alone (one pass while the row fits in registers).
 
+On Hopper the kernels launch with programmatic dependent launch (``runtime.pdl``): each waits for
+its producer, then lets the GEMM it feeds be scheduled, so the GEMM reads its weights meanwhile.
+
 Token quantizer (``runtime.linear.quantize_tokens`` / ``numerics.scales.token_scales``):
 s = max|y| / 448 (1/448 for an all-zero row), q = e4m3(y / s) round-to-nearest-even and saturated.
 Outputs: q float8_e4m3fn [M, H], s float32 [M] (and for ``rmsnorm_quant`` optionally the bf16 norm).
@@ -20,6 +23,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from fp_export.runtime import pdl
 
 FP8_MAX = 448.0
 MAX_ROW = 32768  # rows up to this length are held in registers (one program per row)
@@ -35,6 +40,15 @@ def round_bf16(x):
 
 
 @triton.jit
+def _dependent_launch(USE_GDC: tl.constexpr):
+    """With programmatic dependent launch: wait for the producing kernel, then let the consumer be
+    scheduled (it waits for this kernel before it reads what this one writes)."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _quant_store(y, offs, ok, q_ptr, s_ptr, row, stride_q, FMAX: tl.constexpr):
     amax = tl.max(tl.where(ok, tl.abs(y), 0.0), axis=0)
     s = tl.math.div_rn(tl.where(amax > 0, amax, 1.0), FMAX)
@@ -46,7 +60,8 @@ def _quant_store(y, offs, ok, q_ptr, s_ptr, row, stride_q, FMAX: tl.constexpr):
 @triton.jit
 def _rmsnorm_kernel(x_ptr, d_ptr, w_ptr, h_ptr, q_ptr, s_ptr, y_ptr, H, eps, stride_x, stride_d, stride_h, stride_q,
                     stride_y, FMAX: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr, QUANT: tl.constexpr,
-                    WRITE_Y: tl.constexpr):
+                    WRITE_Y: tl.constexpr, USE_GDC: tl.constexpr):
+    _dependent_launch(USE_GDC)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < H
@@ -66,7 +81,8 @@ def _rmsnorm_kernel(x_ptr, d_ptr, w_ptr, h_ptr, q_ptr, s_ptr, y_ptr, H, eps, str
 
 @triton.jit
 def _silu_mul_quant_kernel(g_ptr, u_ptr, q_ptr, s_ptr, H, stride_g, stride_u, stride_q,
-                           FMAX: tl.constexpr, BLOCK: tl.constexpr):
+                           FMAX: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+    _dependent_launch(USE_GDC)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < H
@@ -78,7 +94,9 @@ def _silu_mul_quant_kernel(g_ptr, u_ptr, q_ptr, s_ptr, H, stride_g, stride_u, st
 
 
 @triton.jit
-def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, FMAX: tl.constexpr, BLOCK: tl.constexpr):
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, FMAX: tl.constexpr, BLOCK: tl.constexpr,
+                       USE_GDC: tl.constexpr):
+    _dependent_launch(USE_GDC)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < H
@@ -96,6 +114,11 @@ def _alloc(m: int, h: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _warps(block: int) -> int:
     return max(1, min(16, block // 512))
+
+
+def _launch(x: torch.Tensor) -> dict:
+    """Launch options: programmatic dependent launch where ``runtime.pdl`` enables it."""
+    return dict(USE_GDC=True, launch_pdl=True) if pdl.enabled(x.device) else dict(USE_GDC=False)
 
 
 def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, return_norm: bool = False):
@@ -128,7 +151,7 @@ def _rmsnorm(x, delta, weight, eps, quant: bool, norm: bool):
     block = triton.next_power_of_2(h)
     _rmsnorm_kernel[(m,)](x, d, weight, out, q, s, y, h, eps, x.stride(0), d.stride(0), out.stride(0), q.stride(0),
                           y.stride(0), FMAX=FP8_MAX, BLOCK=block, ADD=delta is not None, QUANT=quant, WRITE_Y=norm,
-                          num_warps=_warps(block))
+                          num_warps=_warps(block), **_launch(x))
     return out, (q if quant else None), (s if quant else None), (y if norm else None)
 
 
@@ -138,7 +161,7 @@ def silu_mul_quant(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, 
     q, s = _alloc(m, h, gate.device)
     block = triton.next_power_of_2(h)
     _silu_mul_quant_kernel[(m,)](gate, up, q, s, h, gate.stride(0), up.stride(0), q.stride(0), FMAX=FP8_MAX,
-                                 BLOCK=block, num_warps=_warps(block))
+                                 BLOCK=block, num_warps=_warps(block), **_launch(gate))
     return q, s
 
 
@@ -147,5 +170,6 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, h = x.shape
     q, s = _alloc(m, h, x.device)
     block = triton.next_power_of_2(h)
-    _quant_rows_kernel[(m,)](x, q, s, h, x.stride(0), q.stride(0), FMAX=FP8_MAX, BLOCK=block, num_warps=_warps(block))
+    _quant_rows_kernel[(m,)](x, q, s, h, x.stride(0), q.stride(0), FMAX=FP8_MAX, BLOCK=block, num_warps=_warps(block),
+                             **_launch(x))
     return q, s

@@ -8,13 +8,15 @@ w_scale float32 [N] (``dq_scale`` of ``QuantizedWeight.to_shift_cast()``),
 t = a @ lorc_v^T float32 [M, r] and u = lorc_u [N, r] the optional LoRC factors, bias float32 [N].
 
 Two paths, chosen by the number of tokens M (fixed rules, no run-time tuning):
-- M <= 16, or M <= ``SMALL_M`` without a kept FP8 copy (decode): ``plugins/w4a8_gemm.cu``, mma.sync
-  m16n8k16 (FP16 inputs, FP32 accumulation; sm_90 has no FP8 mma.sync) with the weights as the
-  16-row MMA side; the 4-bit weights are streamed once through a cp.async shared-memory ring per
-  warp (evict-first) and decoded to FP16 by a shift and a mask per code pair; K split over CTAs
-  (``splits``) with a deterministic in-kernel reduction.
-- otherwise (prefill, large batches): the weights are cast to FP8 once per call (``weight_to_fp8``,
-  the same decode) into a shared workspace, or taken from a kept FP8 copy, and multiplied with
+- M <= ``MMA_M`` (16 with a kept FP8 copy; decode, small batches): ``plugins/w4a8_gemm.cu``, mma.sync m16n8k16 (FP16
+  inputs, FP32 accumulation; sm_90 has no FP8 mma.sync) with the weights as the 16-row MMA side,
+  the 4-bit weights streamed once through shared memory with cp.async (evict-first) and decoded to
+  FP16 by a shift and a mask per code pair; K split over CTAs (``splits``) with a deterministic
+  in-kernel reduction. Up to 16 tokens each warp has its own pipeline (the few-token kernel); from
+  17 to 128 tokens the warps of a CTA share one, so each chunk of activations is copied once per
+  CTA (the wide kernel, ``WIDE_TILES`` tiles per CTA).
+- otherwise (prefill): the weights are cast to FP8 once per call (``weight_to_fp8``, the same
+  decode) into a shared workspace, or taken from a kept FP8 copy, and multiplied with
   ``torch._scaled_mm`` (cuBLASLt, FP8 wgmma).
 
 Layout (``prepare``, pure torch, so it is tested on the CPU): the weight rows are padded to a
@@ -39,12 +41,16 @@ from pathlib import Path
 import torch
 
 from fp_export.numerics.formats import FP8_E4M3, decode, pack_nibbles, unpack_nibbles
+from fp_export.numerics.fp4_to_fp8 import check_shift
 from fp_export.numerics.fp4_to_fp8 import fp4_to_fp8 as reference_cast
+from fp_export.runtime import pdl
 from fp_export.runtime.kernels import PLUGINS, compile_cuda
 
 LIB_NAME = "libfp_export_w4a8.so"
-SMALL_M = 32  # "auto": the mma.sync kernel up to this many tokens (it takes up to 64); H100 sweep in benchmarks/w4a8_sweep.json
+MMA_MAX_M = 128  # the mma.sync kernels take up to this many tokens
+MMA_M = 32  # "auto": the mma.sync kernels up to this many tokens (16 with a kept FP8 copy); H100: benchmarks/kernels.json
 TILE_N, CHUNK_K = 16, 128
+WIDE_TILES = 4  # 16-row tiles per CTA of the wide kernel (FPX_WIDE_WARPS in plugins/w4a8_gemm.cu)
 MAG_AT = (9, 25, 6, 22, 3, 19, 0, 16)  # bit of code i's 3 magnitude bits in its layout word
 SIGN_AT = (15, 31, 12, 28, 14, 30, 13, 29)  # bit of code i's sign
 
@@ -93,6 +99,7 @@ def _check(packed: torch.Tensor, shift: torch.Tensor, group_size: int) -> tuple[
     if k % 32 or group_size % 32 or shift.shape != (n, -(-k // group_size)):
         raise ValueError(f"W4A8 weight: K={k}, group_size={group_size}, shift {tuple(shift.shape)}: needs K and "
                          f"group_size multiples of 32 and shift [{n}, ceil({k}/group_size)]")
+    check_shift(shift)
     return n, k
 
 
@@ -175,7 +182,7 @@ def load_library() -> ctypes.CDLL:
         path = build_library()
     lib = ctypes.CDLL(str(path))
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.fp_export_w4a8_gemm.argtypes = [p, p, p, p, p, p, p, p, i, p, i, p, p, i, i, i, i, i, i, i, i, p]
+    lib.fp_export_w4a8_gemm.argtypes = [p, p, p, p, p, p, p, p, i, p, i, p, p, i, i, i, i, i, i, i, i, i, p]
     lib.fp_export_w4a8_gemm.restype = i
     lib.fp_export_w4a8_weight_to_fp8.argtypes = [p, p, p, i, i, i, i, p]
     lib.fp_export_w4a8_weight_to_fp8.restype = i
@@ -217,11 +224,11 @@ def workspace(device: torch.device) -> _Workspace:
 
 
 def default_splits(m: int, n: int, k: int, sms: int = 132) -> int:
-    """K splits of the small-M kernel: about ``CTAS_PER_SM`` CTAs (4 warps = 64 weight rows each)
-    per multiprocessor, half as many at 9-16 tokens, at least ``MIN_CHUNKS`` 128-wide K chunks per
-    split. Fixed rule, fitted to the H100 sweep of benchmarks/w4a8_config.json (L2-cold weights:
-    fewer, longer CTAs beat more splits on every decode shape but two)."""
-    ctas = -(-n // (TILE_N * 4))
+    """K splits of the mma.sync kernels: about ``CTAS_PER_SM`` CTAs per multiprocessor (the few-token
+    kernel: 4 tiles = 64 weight rows per CTA, half as many CTAs at 9-16 tokens; the wide kernel:
+    ``WIDE_TILES`` tiles), at least ``MIN_CHUNKS`` 128-wide K chunks per split. Fixed rule, fitted to
+    the H100 sweeps of benchmarks/w4a8_config.json and w4a8_config_wide.json (L2-cold weights)."""
+    ctas = -(-n // (TILE_N * (4 if m <= 16 else WIDE_TILES)))
     kc = -(-k // CHUNK_K)
     want = max(1, ((CTAS_PER_SM // 2 if 8 < m <= 16 else CTAS_PER_SM) * sms) // ctas)
     return max(1, min(want, kc // MIN_CHUNKS if kc >= MIN_CHUNKS else 1, 64))
@@ -250,12 +257,12 @@ def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, out_dtype: torch
          splits: int | None = None, path: str = "auto") -> torch.Tensor:
     """y [M, N] (``out_dtype`` bfloat16 or float32) of a float8_e4m3fn [M, K] (row stride a
     multiple of 16), a_scale float32 [M]; see the module docstring. ``path``: "auto" (by M),
-    "mma" (M <= 64) or "scaled_mm"."""
+    "mma" (M <= ``MMA_MAX_M``) or "scaled_mm"."""
     m, k = a.shape
     if k != w.k:
         raise ValueError(f"W4A8 gemm: activations have K={k}, the weight K={w.k}")
     if path == "auto":  # H100 measurements: benchmarks/kernels.json
-        path = "mma" if m <= 16 or (m <= SMALL_M and w.fp8 is None) else "scaled_mm"
+        path = "mma" if m <= 16 or (m <= MMA_M and w.fp8 is None) else "scaled_mm"
     lorc_t = None
     if w.lorc_u is not None:
         lorc_t = torch.mm(a.float(), w.lorc_v.T)
@@ -273,8 +280,8 @@ def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, out_dtype: torch
         if w.bias is not None:
             y = y + w.bias
         return y.to(out_dtype)
-    if m > SMALL_M or a.stride(1) != 1 or a.stride(0) % 16 or a.data_ptr() % 16:
-        raise ValueError(f"W4A8 mma path: needs M <= {SMALL_M} and 16-byte aligned rows (M={m}, strides {a.stride()})")
+    if m > MMA_MAX_M or a.stride(1) != 1 or a.stride(0) % 16 or a.data_ptr() % 16:
+        raise ValueError(f"W4A8 mma path: needs M <= {MMA_MAX_M} and 16-byte aligned rows (M={m}, strides {a.stride()})")
     if splits is None:
         splits = default_splits(m, w.n, w.k)
     splits = max(1, min(splits, w.kc))
@@ -287,7 +294,7 @@ def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, out_dtype: torch
     rc = load_library().fp_export_w4a8_gemm(
         w.wt.data_ptr(), w.st.data_ptr(), a.data_ptr(), a_scale.data_ptr(), w.w_scale.data_ptr(), ptr(w.bias),
         ptr(lorc_t), ptr(w.lorc_u), rank, out.data_ptr(), int(out_dtype == torch.bfloat16), part.data_ptr(),
-        ws.counters.data_ptr(), m, w.n, w.k, a.stride(0), out.stride(0), w.kc, w.sub, splits,
+        ws.counters.data_ptr(), m, w.n, w.k, a.stride(0), out.stride(0), w.kc, w.sub, splits, int(pdl.enabled(a.device)),
         torch.cuda.current_stream(a.device).cuda_stream)
     if rc != 0:
         raise W4A8Unavailable(f"fp_export_w4a8_gemm failed with CUDA error {rc}")
