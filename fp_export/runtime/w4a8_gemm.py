@@ -8,10 +8,10 @@ w_scale float32 [N] (``dq_scale`` of ``QuantizedWeight.to_shift_cast()``),
 t = a @ lorc_v^T float32 [M, r] and u = lorc_u [N, r] the optional LoRC factors, bias float32 [N].
 
 Two paths, chosen by the number of tokens M (fixed rules, no run-time tuning):
-- M <= ``MMA_M`` (16 with a kept FP8 copy; decode, small batches): ``plugins/w4a8_gemm.cu``, mma.sync m16n8k16 (FP16
-  inputs, FP32 accumulation; sm_90 has no FP8 mma.sync) with the weights as the 16-row MMA side,
-  the 4-bit weights streamed once through shared memory with cp.async (evict-first) and decoded to
-  FP16 by a shift and a mask per code pair; K split over CTAs (``splits``) with a deterministic
+- M <= ``MMA_M`` (16 with a kept FP8 copy; decode, small batches): ``plugins/w4a8_gemm.cu``,
+  mma.sync m16n8k16 (FP16 inputs, FP32 accumulation; sm_90 has no FP8 mma.sync) with the weights
+  as the 16-row MMA side, the 4-bit weights streamed once through shared memory with cp.async
+  (evict-first) and decoded to FP16 by a shift and a mask per code pair; K split over CTAs (``splits``) with a deterministic
   in-kernel reduction. Up to 16 tokens each warp has its own pipeline (the few-token kernel); from
   17 to 128 tokens the warps of a CTA share one, so each chunk of activations is copied once per
   CTA (the wide kernel, ``WIDE_TILES`` tiles per CTA).
