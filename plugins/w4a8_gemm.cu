@@ -55,22 +55,18 @@ constexpr int WARPS = 4;  // 16-row tiles per CTA (one per warp)
 #define FPX_EVICT_FIRST 1
 #endif
 
-// Shared memory of one warp's stage (one K chunk): its tile's weights (64 16-byte vectors), shifts
-// (16 rows x SUB bytes) and the activations (8 * NT token rows of 128 bytes, row stride 160 bytes
-// so the 16 lanes of an 8-byte access phase hit distinct banks).
+// Shared memory of one pipeline stage (one K chunk) for TILES 16-row tiles: their weights (64
+// 16-byte vectors each), shifts (16 rows x SUB bytes each) and the activations (8 * NT token rows
+// of 128 bytes, row stride 160 bytes so the 16 lanes of an 8-byte access phase hit distinct
+// banks). The few-token kernel has one ring of these per warp (TILES = 1), the wide kernel one per
+// CTA.
 constexpr int A_STRIDE = 160;
-template <int NT, int SUB>
+template <int TILES, int NT, int SUB>
 struct Stage {
   static constexpr int W = 0;
-  static constexpr int S = W + 64 * 16;
-  static constexpr int A = S + 16 * SUB;
+  static constexpr int S = W + TILES * 64 * 16;
+  static constexpr int A = S + TILES * 16 * SUB;
   static constexpr int BYTES = A + 8 * NT * A_STRIDE;
-};
-
-// Stages by token tiles: a stage grows with the activation rows, so larger NT holds fewer.
-template <int NT>
-struct Stages {
-  static constexpr int value = NT <= 2 ? FPX_STAGES : (NT == 4 ? 4 : 3);
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -308,17 +304,17 @@ __device__ __forceinline__ void epilogue(float (&acc)[NT][4], const Epilogue& p,
     }
 }
 
-// Each warp streams its tile's K range chunk by chunk through its own ring of Stages<NT>
+// Each warp streams its tile's K range chunk by chunk through its own ring of FPX_STAGES
 // shared-memory stages (cp.async; the warp's lanes read what other lanes copied, so one __syncwarp
-// per chunk and no CTA barrier): the copies of the next Stages - 1 chunks are in flight while a
+// per chunk and no CTA barrier): the copies of the next FPX_STAGES - 1 chunks are in flight while a
 // chunk is decoded and multiplied, and registers hold one chunk only.
 template <int NT, int SUB>
 __global__ void __launch_bounds__(WARPS * 32) w4a8_gemm_kernel(const uint4* __restrict__ wt,
                                                                 const int8_t* __restrict__ st,
                                                                 const uint8_t* __restrict__ a, int K, int lda, int KC,
                                                                 int chunks_per_split, const Epilogue ep) {
-  using L = Stage<NT, SUB>;
-  constexpr int S = Stages<NT>::value;
+  using L = Stage<1, NT, SUB>;
+  constexpr int S = FPX_STAGES;
   const int M = ep.M, N = ep.N;
   constexpr int AV = 2 * NT;  // activation vectors per lane per chunk: 8 * NT rows x 8 vectors / 32 lanes
   extern __shared__ __align__(16) uint8_t smem[];
@@ -395,16 +391,6 @@ __global__ void __launch_bounds__(WARPS * 32) w4a8_gemm_kernel(const uint4* __re
 #endif
 constexpr int WIDE_WARPS = FPX_WIDE_WARPS;
 
-// Shared memory of one stage of the wide kernel (one K chunk for the whole CTA): the weights of its
-// WIDE_WARPS tiles, their shifts, and the activations of 8 * NT token rows (row stride A_STRIDE).
-template <int NT, int SUB>
-struct WideStage {
-  static constexpr int W = 0;
-  static constexpr int S = W + WIDE_WARPS * 64 * 16;
-  static constexpr int A = S + WIDE_WARPS * 16 * SUB;
-  static constexpr int BYTES = A + 8 * NT * A_STRIDE;
-};
-
 // 17-128 tokens, where the activations outweigh a tile's weights: the CTA's warps (one 16-row
 // tile each) walk their K range together through one ring of FPX_WIDE_STAGES shared stages
 // (cp.async, one CTA barrier per chunk), so each chunk's activations are copied once per CTA, not
@@ -415,7 +401,7 @@ __global__ void __launch_bounds__(WIDE_WARPS * 32) w4a8_gemm_wide_kernel(const u
                                                                          const uint8_t* __restrict__ a, int K,
                                                                          int lda, int KC, int chunks_per_split,
                                                                          const Epilogue ep) {
-  using L = WideStage<NT, SUB>;
+  using L = Stage<WIDE_WARPS, NT, SUB>;
   constexpr int S = FPX_WIDE_STAGES, THREADS = WIDE_WARPS * 32;
   constexpr int AV = 64 * NT / THREADS;  // activation vectors per thread per chunk: 8 * NT rows x 8 vectors
   static_assert(AV * THREADS == 64 * NT, "activation vectors must divide among the CTA's threads");
@@ -514,7 +500,6 @@ __global__ void weight_to_fp8_kernel(const uint4* __restrict__ wt, const int8_t*
   }
 }
 
-// grid = (column blocks of `warps` tiles, splits); chunks_per_split = ceil(kc / splits).
 // grid = (column blocks of `warps` tiles, splits); chunks_per_split = ceil(kc / splits). pdl: may
 // start before the previous kernel in the stream has finished (programmatic dependent launch; the
 // kernel waits for it before it reads the activations or touches the workspace).
@@ -544,10 +529,10 @@ cudaError_t launch_nt(int sub, const void* wt, const int8_t* st, const uint8_t* 
                       const Epilogue& ep, int pdl, cudaStream_t stream) {
 #define FPX_LAUNCH(SUB)                                                                                          \
   if constexpr (NT <= 2)                                                                                         \
-    return launch(w4a8_gemm_kernel<NT, SUB>, WARPS, WARPS * Stages<NT>::value * Stage<NT, SUB>::BYTES, wt, st, a, \
+    return launch(w4a8_gemm_kernel<NT, SUB>, WARPS, WARPS * FPX_STAGES * Stage<1, NT, SUB>::BYTES, wt, st, a, \
                   k, lda, kc, splits, ep, pdl, stream);                                                               \
   else                                                                                                           \
-    return launch(w4a8_gemm_wide_kernel<NT, SUB>, WIDE_WARPS, FPX_WIDE_STAGES * WideStage<NT, SUB>::BYTES, wt, st, \
+    return launch(w4a8_gemm_wide_kernel<NT, SUB>, WIDE_WARPS, FPX_WIDE_STAGES * Stage<WIDE_WARPS, NT, SUB>::BYTES, wt, st, \
                   a, k, lda, kc, splits, ep, pdl, stream);
   switch (sub) {
     case 1: FPX_LAUNCH(1)
