@@ -85,12 +85,17 @@ def bench_model(name, model, kinds: dict, vocab: int, steps: int, prefill: bool)
     res = {}
     for kind, kw in kinds.items():
         kw = dict(kw)
-        os.environ["FP_EXPORT_PDL"] = "1" if kw.pop("pdl", True) else "0"
+        before = os.environ.get("FP_EXPORT_PDL")
+        if not kw.pop("pdl", True):
+            os.environ["FP_EXPORT_PDL"] = "0"
         eng = DecodeEngine(model, **kw)
         r = {"decode": [time_decode(eng, vocab, b, steps) for b in BATCHES]}
         if prefill:
             r["prefill"] = time_prefill(eng, vocab)
-        os.environ["FP_EXPORT_PDL"] = "1"
+        if before is None:
+            os.environ.pop("FP_EXPORT_PDL", None)
+        else:
+            os.environ["FP_EXPORT_PDL"] = before
         eng.release()
         del eng
         torch.cuda.empty_cache()
