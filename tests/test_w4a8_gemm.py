@@ -2,6 +2,8 @@
 quantizers: CPU tests of the weight layout and the float64 reference; GPU tests (skipped without
 CUDA) against that reference at M = 1, 16, 100, 512, 4096, odd K/N and every group layout."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -115,6 +117,61 @@ def test_fused_quantizers_match_unfused():
     q3, s3 = silu_mul_quant(gate, up)
     qr, sr = quantize_rows(ref)
     assert torch.allclose(s3, sr, rtol=2**-7) and (q3.float() != qr.float()).float().mean() < 0.01
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,h", [(1, 11008), (1, 4096), (5, 5000), (16, 11008), (64, 4096), (1, 32768)])
+def test_split_rows_match_one_program_per_row(monkeypatch, m, h):
+    """SiLU * mul + FP8 with rows split over programs (few rows, ``split_rule``) has the bits of
+    one program per row: call after call (the arrival counters carry over), and replayed from a
+    CUDA graph (whose capture allocates its stream's counters)."""
+    import triton
+
+    from fp_export.runtime import fused_quant as F
+
+    assert F.split_rule(m, h, torch.device("cuda"))[0] > 1
+    g = torch.Generator(device="cuda").manual_seed(h)
+    x = (torch.randn(m, 2 * h, device="cuda", generator=g) * torch.logspace(-1, 2, 2 * h, device="cuda")).bfloat16()
+    x[-1, : h // 3] = 0
+    if m > 1:
+        x[0, :h] = 0  # an all-zero row: scale 1/448
+
+    def run():
+        q, s = F.silu_mul_quant(x[:, :h], x[:, h:])
+        return q.view(torch.uint8), s
+
+    calls = [run() for _ in range(3)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    replays = []
+    for _ in range(3):
+        graph.replay()
+        replays.append([o.clone() for o in captured])
+    monkeypatch.setattr(F, "split_rule", lambda m, h, device: (1, triton.next_power_of_2(h)))
+    q1, s1 = run()
+    for q, s in calls + replays:
+        assert torch.equal(q, q1) and torch.equal(s, s1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
+def test_split_rule_keeps_every_program_resident(monkeypatch):
+    """Split rows: at most one program per multiprocessor, parts of >= SPLIT_BLOCK values covering
+    the row; one program per row on the CPU and when the rows alone fill the GPU."""
+    from fp_export.runtime import fused_quant as F
+
+    monkeypatch.setattr(F, "_multiprocessors", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert F.split_rule(1, 11008, cuda) == (11, 1024) and F.split_rule(16, 11008, cuda) == (6, 2048)
+    assert F.split_rule(1, 11008, torch.device("cpu")) == (1, 16384) and F.split_rule(67, 11008, cuda) == (1, 16384)
+    assert F.split_rule(8, 1000, cuda) == (1, 1024)
+    for m in (1, 2, 7, 16, 33, 65):
+        for h in (1000, 1025, 4096, 5000, 11008, 32768):
+            split, part = F.split_rule(m, h, cuda)
+            assert split * part >= h and (split == 1 or (m * split <= 132 and part >= F.SPLIT_BLOCK
+                                                         and (split - 1) * part < h))
+            assert split * F.SPLIT_BLOCK <= F.MAX_ROW  # a counter row per split count
 
 
 def test_pdl_switch(monkeypatch):

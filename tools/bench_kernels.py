@@ -4,8 +4,9 @@ Shapes: K = N in {4096, 8192} and the LLaMA-2-7B / LLaMA-2-70B linear shapes wit
 gate/up fused as the decode engine runs them; M in {1, 4, 16, 64, 128, 1024, 4096}. Per point:
 - BF16: cuBLAS (torch.matmul) on bf16 weights;
 - FP8: ``torch._scaled_mm`` on E4M3 weights with per-token / per-channel scales (W8A8);
-- W4A8: ``fp_export.runtime.w4a8_gemm.gemm`` on the packed FP4 weights ("auto": the mma.sync
-  kernels up to ``MMA_M`` tokens, FP4 -> FP8 cast into a workspace + ``_scaled_mm`` beyond);
+- W4A8: ``fp_export.runtime.w4a8_gemm.gemm`` on the packed FP4 weights ("auto", ``auto_path``:
+  the mma.sync kernels up to ``MMA_M`` tokens (``MMA_M_WIDE_N`` for N >= ``WIDE_N``), FP4 -> FP8
+  cast into a workspace + ``_scaled_mm`` beyond);
 - W4A8 keep-FP8 (M > ``MMA_M``): the same with the FP8 copy kept (no per-call cast);
 - W4A8 mma (``MMA_M`` < M <= ``MMA_MAX_M``): the mma.sync path forced, the evidence for the rule.
 All take already-quantized FP8 activations (the quantizer is fused into the producing kernel in
@@ -68,7 +69,7 @@ def bench_shape(name, n, k, dev, copy_tbps):
             res["w4a8_keep_fp8"] = graph_time_us([lambda w=w: W.gemm(xq, xs, w) for w in kept], **kw)
         wbytes = n * k // 2 + n * (k // GROUP)
         t = res["w4a8"][0]
-        row = {"shape": name, "M": m, "N": n, "K": k, "path": "mma" if m <= W.MMA_M else "cast+scaled_mm",
+        row = {"shape": name, "M": m, "N": n, "K": k, "path": "mma" if W.auto_path(m, n, False) == "mma" else "cast+scaled_mm",
                **{f"{key}_us": v[0] for key, v in res.items()}, **{f"{key}_runs_us": v[1] for key, v in res.items()},
                "spread_max": max(spread(v[1]) for v in res.values()),
                "w4a8_vs_bf16": res["bf16"][0] / t, "w4a8_vs_fp8": res["fp8"][0] / t,
@@ -92,8 +93,8 @@ def markdown(res):
     lines = [f"# W4A8 GEMM benchmark on {res['device']}", "",
              f"torch {res['torch']}; measured device-to-device copy bandwidth {res['copy_TBps']:.2f} TB/s (read + write). "
              "Times in us per call, each call timed inside a CUDA graph, weights L2-cold; median of 3 runs. "
-             f"W4A8 = FP4 shift-cast weights (group {GROUP}) x FP8 activations: the mma.sync kernels for M <= {W.MMA_M}, "
-             "cast + _scaled_mm beyond; keep-FP8 = the FP8 copy kept; mma = the mma.sync path forced "
+             f"W4A8 = FP4 shift-cast weights (group {GROUP}) x FP8 activations: the mma.sync kernels for M <= {W.MMA_M} "
+             f"({W.MMA_M_WIDE_N} for N >= {W.WIDE_N}), cast + _scaled_mm beyond; keep-FP8 = the FP8 copy kept; mma = the mma.sync path forced "
              f"(up to {W.MMA_MAX_M} tokens).", "",
              "| shape | M | BF16 | FP8 | W4A8 | W4A8 keep-FP8 | W4A8 mma | vs BF16 | vs FP8 | W4A8 GB/s | % copy BW | spread |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

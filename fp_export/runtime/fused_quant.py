@@ -10,8 +10,22 @@
   PyTorch does) followed by the token quantizer;
 - ``quantize_rows``: the token quantizer alone (one pass while the row fits in registers).
 
+One program per row, except SiLU * mul with few rows (decode): there the row's elementwise work,
+not its bytes, takes the time (11008 values in one program: about 7 us on an H100), so the row is
+split over several programs of ``BLOCK`` values (``split_rule``). Each computes its part's max |y|,
+stores it, arrives at the row's counter and waits for the others (all resident: at most one
+program per multiprocessor is launched), then quantizes its part with the row's scale. The
+counters only grow: each call adds its program count to each of its rows, so a call ends on a
+multiple of it and the next call counts on from there; nothing is reset between calls, and CUDA
+graphs replay them. One set of counters per (device, stream), so kernels on different streams
+never share one. (The norm and the token quantizer alone measured slower split: their rows are
+short enough that the barrier costs more than it saves; benchmarks/w4a8_notes.md.)
+
 On Hopper the kernels launch with programmatic dependent launch (``runtime.pdl``): each waits for
-its producer, then lets the GEMM it feeds be scheduled, so the GEMM reads its weights meanwhile.
+its producer, then lets the GEMM it feeds be scheduled, so the GEMM reads its weights meanwhile. A
+split row lets it be scheduled only once its programs have passed their barrier: earlier, the
+GEMM's CTAs beside the waiting programs slowed the 7B decode at batch 32 by 1.1x (1.5x with the
+norms split too).
 
 Token quantizer (``runtime.linear.quantize_tokens`` / ``numerics.scales.token_scales``):
 s = max|y| / 448 (1/448 for an all-zero row), q = e4m3(y / s) round-to-nearest-even and saturated.
@@ -19,6 +33,8 @@ Outputs: q float8_e4m3fn [M, H], s float32 [M] (and for ``rmsnorm_quant`` option
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 import triton
@@ -28,6 +44,7 @@ from fp_export.runtime import pdl
 
 FP8_MAX = 448.0
 MAX_ROW = 32768  # rows up to this length are held in registers (one program per row)
+SPLIT_BLOCK = 1024  # values per program at least, when a row is split over programs
 
 
 @triton.jit
@@ -40,28 +57,50 @@ def round_bf16(x):
 
 
 @triton.jit
-def _dependent_launch(USE_GDC: tl.constexpr):
-    """With programmatic dependent launch: wait for the producing kernel, then let the consumer be
-    scheduled (it waits for this kernel before it reads what this one writes)."""
+def _dependent_launch(USE_GDC: tl.constexpr, TRIGGER: tl.constexpr):
+    """With programmatic dependent launch: wait for the producing kernel, then (TRIGGER) let the
+    consumer be scheduled (it waits for this kernel before it reads what this one writes)."""
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
-def _quant_store(y, offs, ok, q_ptr, s_ptr, row, stride_q, FMAX: tl.constexpr):
-    amax = tl.max(tl.where(ok, tl.abs(y), 0.0), axis=0)
+def _amax(y, ok):
+    return tl.max(tl.where(ok, tl.abs(y), 0.0), axis=0)
+
+
+@triton.jit
+def _row_max(amax, row, part_ptr, cnt_ptr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr):
+    """The max of ``amax`` (float32 scalar: this program's part) over the SPLIT programs of the row
+    (program_id(1)); part_ptr float32 [rows * SPLIT] and cnt_ptr int64 [rows]: the scratch."""
+    tl.store(part_ptr + row * SPLIT + tl.program_id(1), amax)
+    tl.debug_barrier()  # the part is written before the arrival releases it
+    seen = tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel", scope="gpu") + 1
+    done = ((seen - 1) // SPLIT + 1) * SPLIT  # the count at which this call's row is complete
+    while seen < done:
+        seen = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+    i = tl.arange(0, SPLIT_P2)
+    return tl.max(tl.load(part_ptr + row * SPLIT + i, mask=i < SPLIT, other=0.0, cache_modifier=".cg"), axis=0)
+
+
+@triton.jit
+def _quant_store(y, amax, offs, ok, q_ptr, s_ptr, row, stride_q, FMAX: tl.constexpr):
+    """Quantizes y (this program's values of the row) by the row's max |y|; the first program of
+    the row stores its scale."""
     s = tl.math.div_rn(tl.where(amax > 0, amax, 1.0), FMAX)
     q = tl.clamp(tl.math.div_rn(y, s), -FMAX, FMAX)
     tl.store(q_ptr + row * stride_q + offs, q.to(tl.float8e4nv), mask=ok)
-    tl.store(s_ptr + row, s)
+    tl.store(s_ptr + row, s, mask=tl.program_id(1) == 0)
 
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, d_ptr, w_ptr, h_ptr, q_ptr, s_ptr, y_ptr, H, eps, stride_x, stride_d, stride_h, stride_q,
                     stride_y, FMAX: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr, QUANT: tl.constexpr,
                     WRITE_Y: tl.constexpr, USE_GDC: tl.constexpr):
-    _dependent_launch(USE_GDC)
+    _dependent_launch(USE_GDC, True)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < H
@@ -76,32 +115,38 @@ def _rmsnorm_kernel(x_ptr, d_ptr, w_ptr, h_ptr, q_ptr, s_ptr, y_ptr, H, eps, str
     if WRITE_Y:
         tl.store(y_ptr + row * stride_y + offs, y.to(tl.bfloat16), mask=ok)
     if QUANT:
-        _quant_store(y, offs, ok, q_ptr, s_ptr, row, stride_q, FMAX)
+        _quant_store(y, _amax(y, ok), offs, ok, q_ptr, s_ptr, row, stride_q, FMAX)
 
 
 @triton.jit
-def _silu_mul_quant_kernel(g_ptr, u_ptr, q_ptr, s_ptr, H, stride_g, stride_u, stride_q,
-                           FMAX: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
-    _dependent_launch(USE_GDC)
+def _silu_mul_quant_kernel(g_ptr, u_ptr, q_ptr, s_ptr, part_ptr, cnt_ptr, H, stride_g, stride_u, stride_q,
+                           FMAX: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
+                           USE_GDC: tl.constexpr):
+    _dependent_launch(USE_GDC, SPLIT == 1)
     row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < H
     g = tl.load(g_ptr + row * stride_g + offs, mask=ok, other=0.0).to(tl.float32)
     u = round_bf16(tl.load(u_ptr + row * stride_u + offs, mask=ok, other=0.0).to(tl.float32))
     a = round_bf16(g / (1.0 + tl.exp(-g)))
     y = round_bf16(a * u)
-    _quant_store(y, offs, ok, q_ptr, s_ptr, row, stride_q, FMAX)
+    amax = _amax(y, ok)
+    if SPLIT > 1:
+        amax = _row_max(amax, row, part_ptr, cnt_ptr, SPLIT, SPLIT_P2)
+        if USE_GDC:
+            tl.extra.cuda.gdc_launch_dependents()
+    _quant_store(y, amax, offs, ok, q_ptr, s_ptr, row, stride_q, FMAX)
 
 
 @triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, FMAX: tl.constexpr, BLOCK: tl.constexpr,
                        USE_GDC: tl.constexpr):
-    _dependent_launch(USE_GDC)
+    _dependent_launch(USE_GDC, True)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < H
     y = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
-    _quant_store(y, offs, ok, q_ptr, s_ptr, row, stride_q, FMAX)
+    _quant_store(y, _amax(y, ok), offs, ok, q_ptr, s_ptr, row, stride_q, FMAX)
 
 
 def _alloc(m: int, h: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,6 +159,42 @@ def _alloc(m: int, h: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _warps(block: int) -> int:
     return max(1, min(16, block // 512))
+
+
+@lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_rule(m: int, h: int, device: torch.device) -> tuple[int, int]:
+    """(programs per row, values per program) of ``silu_mul_quant`` for m rows of h values: the
+    fewest programs of at least ``SPLIT_BLOCK`` (a power of two) values that keep m * programs
+    within the multiprocessor count; one program of the whole row (padded to a power of two) when
+    that is one program, and always on the CPU (Triton's interpreter runs programs one after
+    another: they cannot wait for each other)."""
+    block = triton.next_power_of_2(h)
+    per_row = _multiprocessors(device) // m if device.type == "cuda" else 1
+    if per_row < 2:
+        return 1, block
+    part = max(SPLIT_BLOCK, triton.next_power_of_2(-(-h // per_row)))
+    return (-(-h // part), part) if part < h else (1, block)
+
+
+_SCRATCH: dict = {}
+
+
+def _scratch(x: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(parts float32 [multiprocessors], counters int64 [multiprocessors]) for rows split over
+    ``split`` programs on x's device and current stream; x twice for unsplit rows (not touched)."""
+    if split == 1:
+        return x, x
+    key = (x.device, torch.cuda.current_stream(x.device).cuda_stream)
+    if key not in _SCRATCH:
+        n = _multiprocessors(x.device)
+        _SCRATCH[key] = (torch.empty(n, dtype=torch.float32, device=x.device),
+                         torch.zeros(MAX_ROW // SPLIT_BLOCK + 1, n, dtype=torch.int64, device=x.device))
+    parts, counters = _SCRATCH[key]
+    return parts, counters[split]  # one row of counters per program count: every call adds `split`
 
 
 def _launch(x: torch.Tensor) -> dict:
@@ -159,9 +240,12 @@ def silu_mul_quant(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, 
     """gate, up bf16 [M, H] (views allowed, unit column stride) -> FP8 of SiLU(gate) * up and scales."""
     m, h = gate.shape
     q, s = _alloc(m, h, gate.device)
-    block = triton.next_power_of_2(h)
-    _silu_mul_quant_kernel[(m,)](gate, up, q, s, h, gate.stride(0), up.stride(0), q.stride(0), FMAX=FP8_MAX,
-                                 BLOCK=block, num_warps=_warps(block), **_launch(gate))
+    split, block = split_rule(m, h, gate.device)
+    parts, counters = _scratch(gate, split)
+    warps = _warps(block) if split == 1 else min(16, max(4, block // 128))
+    _silu_mul_quant_kernel[(m, split)](gate, up, q, s, parts, counters, h, gate.stride(0), up.stride(0), q.stride(0),
+                                       FMAX=FP8_MAX, BLOCK=block, SPLIT=split, SPLIT_P2=triton.next_power_of_2(split),
+                                       num_warps=warps, **_launch(gate))
     return q, s
 
 
