@@ -125,9 +125,7 @@ def test_fused_quantizers_match_unfused():
 def test_split_rows_match_one_program_per_row(monkeypatch, m, h):
     """SiLU * mul + FP8 with rows split over programs (few rows, ``split_rule``) has the bits of
     one program per row: call after call (the arrival counters carry over), and replayed from a
-    CUDA graph (whose capture allocates its stream's counters)."""
-    import triton
-
+    CUDA graph."""
     from fp_export.runtime import fused_quant as F
 
     assert F.split_rule(m, h, torch.device("cuda"))[0] > 1
@@ -149,7 +147,7 @@ def test_split_rows_match_one_program_per_row(monkeypatch, m, h):
     for _ in range(3):
         graph.replay()
         replays.append([o.clone() for o in captured])
-    monkeypatch.setattr(F, "split_rule", lambda m, h, device: (1, triton.next_power_of_2(h)))
+    monkeypatch.setattr(F, "split_rule", F.one_program_per_row)
     q1, s1 = run()
     for q, s in calls + replays:
         assert torch.equal(q, q1) and torch.equal(s, s1)

@@ -166,18 +166,22 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def one_program_per_row(m: int, h: int, device: torch.device) -> tuple[int, int]:
+    """The unsplit ``split_rule``: (1, h padded to a power of two)."""
+    return 1, triton.next_power_of_2(h)
+
+
 def split_rule(m: int, h: int, device: torch.device) -> tuple[int, int]:
     """(programs per row, values per program) of ``silu_mul_quant`` for m rows of h values: the
     fewest programs of at least ``SPLIT_BLOCK`` (a power of two) values that keep m * programs
     within the multiprocessor count; one program of the whole row (padded to a power of two) when
-    that is one program, and always on the CPU (Triton's interpreter runs programs one after
-    another: they cannot wait for each other)."""
-    block = triton.next_power_of_2(h)
+    that is one program (``one_program_per_row``), and always on the CPU (Triton's interpreter runs
+    programs one after another: they cannot wait for each other)."""
     per_row = _multiprocessors(device) // m if device.type == "cuda" else 1
     if per_row < 2:
-        return 1, block
+        return one_program_per_row(m, h, device)
     part = max(SPLIT_BLOCK, triton.next_power_of_2(-(-h // per_row)))
-    return (-(-h // part), part) if part < h else (1, block)
+    return (-(-h // part), part) if part < h else one_program_per_row(m, h, device)
 
 
 _SCRATCH: dict = {}
