@@ -21,13 +21,15 @@
 // lies inside one 32-code group. The shifts of a chunk are 16 x SUB bytes (SUB = 1, 2 or 4 shifts
 // per row per chunk: groups of >= 128, 64, 32 codes).
 //
-// Up to 16 tokens (w4a8_gemm_kernel), each warp (one 16-row tile; 4 per CTA) streams its weights,
-// shifts and activations through its own ring of shared-memory stages with cp.async (weights with
-// the L2 evict-first policy), so the copies of several K chunks are in flight while one is decoded
-// and multiplied. From 17 to 128 tokens (w4a8_gemm_wide_kernel) the activations of a chunk outweigh
-// a tile's weights, so the warps of a CTA share one ring and copy each chunk's activations once.
-// K is split over gridDim.y CTAs; partial sums go to a workspace and the last CTA of each column
-// block (an arrival counter, reset by that CTA) adds them in split order: deterministic.
+// Up to 16 tokens (w4a8_gemm_kernel), each warp (a 16-row tile and a part of its K range; 4 warps
+// per CTA, 1, 2 or 4 of them per tile) streams its weights, shifts and activations through its own
+// ring of shared-memory stages with cp.async (weights with the L2 evict-first policy), so the copies
+// of several K chunks are in flight while one is decoded and multiplied; the warps of a tile add
+// their sums in shared memory. From 17 to 128 tokens (w4a8_gemm_wide_kernel) the activations of a
+// chunk outweigh a tile's weights, so the warps of a CTA share one ring and copy each chunk's
+// activations once. K is also split over gridDim.y CTAs; partial sums go to a workspace and the
+// last CTA of each column block (an arrival counter, reset by that CTA) adds them in split order.
+// Every reduction has a fixed order: deterministic.
 #include "w4a8_gemm.h"
 
 #include <cuda_bf16.h>
@@ -68,6 +70,17 @@ struct Stage {
   static constexpr int A = S + TILES * 16 * SUB;
   static constexpr int BYTES = A + 8 * NT * A_STRIDE;
 };
+
+// x, opaque to the compiler: it stays in a register instead of being recomputed where it is used.
+template <typename T>
+__device__ __forceinline__ T pinned(T x) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "one or two registers");
+  if constexpr (sizeof(T) == 4)
+    asm volatile("" : "+r"(x));
+  else
+    asm volatile("" : "+l"(x));
+  return x;
+}
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -147,24 +160,29 @@ __device__ __forceinline__ uint32_t hmul2(uint32_t x, uint32_t y) {
 // prefetch of further weight chunks before the wait was slower: benchmarks/w4a8_notes.md.)
 template <int S, int BYTES, typename Load, typename Sync, typename Compute>
 __device__ __forceinline__ void run_ring(int chunks, Load&& load, Sync&& sync, Compute&& compute) {
-  for (int i = 0; i < S - 1 && i < chunks; ++i) load(i, i * BYTES, true, false);
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i)
+    if (i < chunks) load(i, i * BYTES, true, false);
   grid_dependency_wait();
   if (chunks <= 0) return;
-  uint32_t rd = 0, wr = 0;  // byte offsets of the stage to read and the stage to fill next
 #pragma unroll
   for (int i = 0; i < S - 1; ++i) {
-    if (i < chunks) load(i, wr, false, true);
+    if (i < chunks) load(i, i * BYTES, false, true);
     cp_async_commit();
-    wr += BYTES;
   }
-  for (int i = 0; i < chunks; ++i) {
-    cp_async_wait<S - 2>();
-    sync();  // chunk i has landed for every thread; every reader is done with chunk i - 1's stage
-    if (i + S - 1 < chunks) load(i + S - 1, wr, true, true);
-    cp_async_commit();
-    wr = wr == (S - 1) * BYTES ? 0 : wr + BYTES;
-    compute(rd);
-    rd = rd == (S - 1) * BYTES ? 0 : rd + BYTES;
+  // Unrolled by S, so that every stage offset is a constant.
+  for (int i0 = 0; i0 < chunks; i0 += S) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const int i = i0 + s;
+      if (i < chunks) {
+        cp_async_wait<S - 2>();
+        sync();  // chunk i has landed for every thread; every reader is done with chunk i - 1's stage
+        if (i + S - 1 < chunks) load(i + S - 1, ((s + S - 1) % S) * BYTES, true, true);
+        cp_async_commit();
+        compute(s * BYTES);
+      }
+    }
   }
   cp_async_wait<0>();
 }
@@ -307,23 +325,28 @@ __device__ __forceinline__ void epilogue(float (&acc)[NT][4], const Epilogue& p,
 // Each warp streams its tile's K range chunk by chunk through its own ring of FPX_STAGES
 // shared-memory stages (cp.async; the warp's lanes read what other lanes copied, so one __syncwarp
 // per chunk and no CTA barrier): the copies of the next FPX_STAGES - 1 chunks are in flight while a
-// chunk is decoded and multiplied, and registers hold one chunk only.
-template <int NT, int SUB>
+// chunk is decoded and multiplied, and registers hold one chunk only. The WARPS warps of a CTA take
+// WARPS / KW tiles, KW warps per tile, each 1/KW of the CTA's K range; the KW sums of a tile are
+// added in shared memory, in warp order, at the end (a K split without the global reduction).
+template <int NT, int SUB, int KW>
 __global__ void __launch_bounds__(WARPS * 32) w4a8_gemm_kernel(const uint4* __restrict__ wt,
                                                                 const int8_t* __restrict__ st,
                                                                 const uint8_t* __restrict__ a, int K, int lda, int KC,
                                                                 int chunks_per_split, const Epilogue ep) {
   using L = Stage<1, NT, SUB>;
-  constexpr int S = FPX_STAGES;
+  constexpr int S = FPX_STAGES, TILES = WARPS / KW;
   const int M = ep.M, N = ep.N;
   constexpr int AV = 2 * NT;  // activation vectors per lane per chunk: 8 * NT rows x 8 vectors / 32 lanes
   extern __shared__ __align__(16) uint8_t smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
+  const int g = pinned(lane >> 2), t = pinned(lane & 3);
   const int ntiles = (N + 15) >> 4;
-  const int tile = blockIdx.x * WARPS + warp;
-  const int c_begin = blockIdx.y * chunks_per_split;
-  const int chunks = tile < ntiles ? max(0, min(KC, c_begin + chunks_per_split) - c_begin) : 0;
+  const int tile = blockIdx.x * TILES + warp % TILES, slice = warp / TILES;
+  const int cta_begin = blockIdx.y * chunks_per_split;
+  const int cta_chunks = max(0, min(KC, cta_begin + chunks_per_split) - cta_begin);
+  const int per_slice = (cta_chunks + KW - 1) / KW;
+  const int c_begin = cta_begin + slice * per_slice;
+  const int chunks = tile < ntiles ? max(0, min(per_slice, cta_chunks - slice * per_slice)) : 0;
 
   float acc[NT][4], part[NT][4];
 #pragma unroll
@@ -340,36 +363,41 @@ __global__ void __launch_bounds__(WARPS * 32) w4a8_gemm_kernel(const uint4* __re
   // This lane's copies per chunk: two weight vectors, (lane < SUB) one shift vector, and the
   // activation vectors v = lane + 32 r of rows m = v / 8 < M (bytes 16 (v % 8) of the chunk;
   // zeros past K).
-  const uint4* w_src = wt + (static_cast<size_t>(tile) * KC + c_begin) * 64 + lane;
-  const int8_t* s_src = st + (static_cast<size_t>(tile) * KC + c_begin) * 16 * SUB + lane * 16;
+  const uint4* w_src = pinned(wt + (static_cast<size_t>(tile) * KC + c_begin) * 64 + lane);
+  const int8_t* s_src = pinned(st + (static_cast<size_t>(tile) * KC + c_begin) * 16 * SUB + lane * 16);
+  // Shared-memory destinations of this lane's copies in stage 0 (pinned, so that the compiler keeps
+  // them in registers instead of recomputing them from the thread index in every chunk).
+  const uint32_t w_dst = pinned(ring_addr + L::W + lane * 16), s_dst = pinned(ring_addr + L::S + lane * 16);
+  const uint32_t s_on = pinned<uint32_t>(lane < SUB);
   const uint8_t* a_src[AV];
-  uint32_t a_dst[AV];
-  int a_left[AV];  // bytes of the row from this vector's first chunk to K; <= 0: not copied
+  uint32_t a_dst[AV], a_k[AV];  // a_k: the vector's offset in its row at the range's first chunk
+  uint32_t a_on[AV];            // row m < M
 #pragma unroll
   for (int r = 0; r < AV; ++r) {
-    const int v = lane + 32 * r, m = v >> 3, kk = c_begin * 128 + (v & 7) * 16;
-    a_src[r] = a + static_cast<size_t>(m < M ? m : 0) * lda + kk;
-    a_dst[r] = L::A + m * A_STRIDE + (v & 7) * 16;
-    a_left[r] = m < M ? K - kk : -(1 << 30);
+    const int v = lane + 32 * r, m = v >> 3;
+    a_k[r] = pinned<uint32_t>(c_begin * 128 + (v & 7) * 16);
+    a_src[r] = pinned(a + static_cast<size_t>(m < M ? m : 0) * lda + a_k[r]);
+    a_dst[r] = pinned(ring_addr + L::A + m * A_STRIDE + (v & 7) * 16);
+    a_on[r] = pinned<uint32_t>(m < M);
   }
   // The warps start at different chunks of their range (FPX_ROTATE), so that concurrent copies
   // spread over the address space instead of all reading the same offset of their tiles.
-  const int rot = FPX_ROTATE && chunks > 0 ? (tile * 5) % chunks : 0;
+  const uint32_t rot = FPX_ROTATE && chunks > 0 ? (tile * 5 + slice) % chunks : 0;
   // chunk c_begin + (i0 + rot) % chunks into the stage at byte offset `stage`: its weights and
-  // shifts (which no earlier kernel writes) and/or its activations
-  auto load = [&](int i0, uint32_t stage, bool weights, bool acts) {
-    const int i = i0 + rot < chunks ? i0 + rot : i0 + rot - chunks;
-    const uint32_t base = ring_addr + stage;
+  // shifts (which no earlier kernel writes) and/or its activations (zeros past K)
+  auto load = [&](uint32_t i0, uint32_t stage, bool weights, bool acts) {
+    const uint32_t i = i0 + rot < static_cast<uint32_t>(chunks) ? i0 + rot : i0 + rot - chunks;
     if (weights) {
-      cp_async16_stream(base + L::W + lane * 16, w_src + i * 64, policy);
-      cp_async16_stream(base + L::W + (lane + 32) * 16, w_src + i * 64 + 32, policy);
-      if (lane < SUB) cp_async16(base + L::S + lane * 16, s_src + i * 16 * SUB, 16);
+      const uint4* src = w_src + i * 64;
+      cp_async16_stream(w_dst + stage, src, policy);
+      cp_async16_stream(w_dst + stage + 512, src + 32, policy);
+      if (s_on) cp_async16(s_dst + stage, s_src + i * 16 * SUB, 16);
     }
     if (acts)
 #pragma unroll
       for (int r = 0; r < AV; ++r) {
-        const int left = a_left[r] - i * 128;
-        if (left > -(1 << 29)) cp_async16(base + a_dst[r], left > 0 ? a_src[r] + i * 128 : a_src[r], left > 0 ? 16 : 0);
+        const bool in = a_k[r] + i * 128 < static_cast<uint32_t>(K);
+        if (a_on[r]) cp_async16(a_dst[r] + stage, a_src[r] + (in ? i * 128 : 0), in ? 16 : 0);
       }
   };
 
@@ -379,7 +407,24 @@ __global__ void __launch_bounds__(WARPS * 32) w4a8_gemm_kernel(const uint4* __re
     mma_chunk<NT, SUB, false>(acc, part, wv[lane], wv[lane + 32], stage + L::A,
                               reinterpret_cast<const int8_t*>(stage + L::S), g, t, M);
   });
-  epilogue<NT>(acc, ep, tile, ntiles, g, t);
+  if constexpr (KW > 1) {  // slices 1 .. KW-1 hand their sums to slice 0 through the (drained) rings
+    float* red = reinterpret_cast<float*>(smem);
+    __syncthreads();
+    if (slice > 0)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[((warp - TILES) * NT * 4 + j * 4 + i) * 32 + lane] = acc[j][i];
+    __syncthreads();
+    if (slice == 0)
+#pragma unroll
+      for (int s = 1; s < KW; ++s)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[j][i] += red[(((s - 1) * TILES + warp) * NT * 4 + j * 4 + i) * 32 + lane];
+  }
+  epilogue<NT>(acc, ep, slice == 0 ? tile : ntiles, ntiles, g, t);  // slices > 0 only join its barriers
 }
 
 // The wide kernel (17-128 tokens): tiles per CTA and pipeline stages (offline-tuned, as above).
@@ -500,12 +545,14 @@ __global__ void weight_to_fp8_kernel(const uint4* __restrict__ wt, const int8_t*
   }
 }
 
-// grid = (column blocks of `warps` tiles, splits); chunks_per_split = ceil(kc / splits). pdl: may
-// start before the previous kernel in the stream has finished (programmatic dependent launch; the
-// kernel waits for it before it reads the activations or touches the workspace).
+// grid = (column blocks of `tiles` tiles, splits), `warps` warps per CTA; chunks_per_split =
+// ceil(kc / splits). pdl: may start before the previous kernel in the stream has finished
+// (programmatic dependent launch; the kernel waits for it before it reads the activations or
+// touches the workspace).
 template <typename... Args>
-cudaError_t launch(void (*kernel)(Args...), int warps, int smem, const void* wt, const int8_t* st, const uint8_t* a,
-                   int k, int lda, int kc, int splits, const Epilogue& ep, int pdl, cudaStream_t stream) {
+cudaError_t launch(void (*kernel)(Args...), int tiles, int warps, int smem, const void* wt, const int8_t* st,
+                   const uint8_t* a, int k, int lda, int kc, int splits, const Epilogue& ep, int pdl,
+                   cudaStream_t stream) {
   const int ntiles = (ep.N + 15) / 16;
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
@@ -513,7 +560,7 @@ cudaError_t launch(void (*kernel)(Args...), int warps, int smem, const void* wt,
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = pdl != 0;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((ntiles + warps - 1) / warps, splits);
+  cfg.gridDim = dim3((ntiles + tiles - 1) / tiles, splits);
   cfg.blockDim = dim3(warps * 32);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
@@ -523,17 +570,24 @@ cudaError_t launch(void (*kernel)(Args...), int warps, int smem, const void* wt,
                             ep);
 }
 
-// NT token tiles of 8: the few-token kernel up to NT = 2 (16 tokens), the wide kernel beyond.
+// NT token tiles of 8: the few-token kernel up to NT = 2 (16 tokens), the wide kernel beyond. The
+// few-token kernel takes the K parts of `splits` within its CTAs as far as it can (KW = 4, 2 or 1
+// warps per tile, the largest that divides splits) and splits / KW over CTAs; the wide kernel
+// takes all of them over CTAs.
 template <int NT>
 cudaError_t launch_nt(int sub, const void* wt, const int8_t* st, const uint8_t* a, int k, int lda, int kc, int splits,
                       const Epilogue& ep, int pdl, cudaStream_t stream) {
+#define FPX_FEW(SUB, KW)                                                                                         \
+  return launch(w4a8_gemm_kernel<NT, SUB, KW>, WARPS / KW, WARPS, WARPS * FPX_STAGES * Stage<1, NT, SUB>::BYTES, \
+                wt, st, a, k, lda, kc, splits / KW, ep, pdl, stream);
 #define FPX_LAUNCH(SUB)                                                                                          \
-  if constexpr (NT <= 2)                                                                                         \
-    return launch(w4a8_gemm_kernel<NT, SUB>, WARPS, WARPS * FPX_STAGES * Stage<1, NT, SUB>::BYTES, wt, st, a, \
-                  k, lda, kc, splits, ep, pdl, stream);                                                               \
-  else                                                                                                           \
-    return launch(w4a8_gemm_wide_kernel<NT, SUB>, WIDE_WARPS, FPX_WIDE_STAGES * Stage<WIDE_WARPS, NT, SUB>::BYTES, wt, st, \
-                  a, k, lda, kc, splits, ep, pdl, stream);
+  if constexpr (NT <= 2) {                                                                                       \
+    if (splits % 4 == 0) FPX_FEW(SUB, 4)                                                                         \
+    if (splits % 2 == 0) FPX_FEW(SUB, 2)                                                                         \
+    FPX_FEW(SUB, 1)                                                                                              \
+  } else                                                                                                         \
+    return launch(w4a8_gemm_wide_kernel<NT, SUB>, WIDE_WARPS, WIDE_WARPS,                                        \
+                  FPX_WIDE_STAGES * Stage<WIDE_WARPS, NT, SUB>::BYTES, wt, st, a, k, lda, kc, splits, ep, pdl, stream);
   switch (sub) {
     case 1: FPX_LAUNCH(1)
     case 2: FPX_LAUNCH(2)
@@ -541,6 +595,7 @@ cudaError_t launch_nt(int sub, const void* wt, const int8_t* st, const uint8_t* 
     default: return cudaErrorInvalidValue;
   }
 #undef FPX_LAUNCH
+#undef FPX_FEW
 }
 
 }  // namespace

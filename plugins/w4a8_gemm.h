@@ -12,8 +12,9 @@ extern "C" {
 // out[m, n] = (acc[m, n] * a_scale[m] * w_scale[n]) + a_scale[m] * lorc(m, n) (+ bias[n]),
 // acc = sum_k a[m, k] * e4m3(w[n, k]); lorc(m, n) = sum_r lorc_t[m, r] * lorc_u[n, r] when
 // lorc_rank > 0. wt: uint8 [tiles, kc, 2, 32, 16]; st: int8 [tiles, kc, 16, sub] (both 16-byte aligned); a: E4M3 bits
-// [m, lda]; out: float32 (out_bf16 = 0) or bfloat16 [m, ldo]. splits > 1 needs ws (float32,
-// splits * m * tiles * 16) and counters (int32, >= ceil(tiles / 4), all zero; left zero).
+// [m, lda]; out: float32 (out_bf16 = 0) or bfloat16 [m, ldo]. splits: K parts (m <= 16: up to 4 of
+// them within a CTA, the rest over CTAs); splits > 1 needs ws (float32, splits * m * tiles * 16) and
+// counters (int32, >= tiles, all zero; left zero).
 // m <= 128. pdl != 0: programmatic dependent launch (the kernel may start before the previous
 // kernel in the stream has finished; it reads its weights early and waits before anything else).
 // Returns a cudaError_t value.

@@ -6,7 +6,8 @@ source (the kernel being replaced), in parallel, then times each variant in its 
 (``w4a8_gemm.default_splits``), weights L2-cold (rotated copies), each call inside a CUDA graph,
 median of 3 runs (``tools/bench_common.py``). ``--kernel``:
 - ``few`` (M <= 16): ``FPX_STAGES`` (128-wide K chunks in flight per warp) x ``FPX_ROTATE`` (each
-  warp starts at a different chunk of its K range); M 1, 4, 16 by default;
+  warp starts at a different chunk of its K range); M 1, 4, 16 by default; ``FPX_CHAINS`` (independent
+  MMA accumulator chains per warp) with ``--vary``;
 - ``wide`` (17-128 tokens): ``FPX_WIDE_WARPS`` (16-row tiles per CTA) x ``FPX_WIDE_STAGES``; M 32,
   64, 128 by default, split counts 1-8 around the rule, and FP8 ``_scaled_mm`` (W8A8) timed in the
   committed build's process as the baseline.
@@ -14,7 +15,7 @@ The committed build is also timed with programmatic dependent launch off (``FP_E
 Writes ``<out>/w4a8_config[_wide].json`` and ``.md``: per variant and shape the best split count and
 its time, against the committed build in the same run.
 
-    PYTHONPATH=$PWD python tools/sweep_w4a8.py --out benchmarks [--kernel wide]
+    PYTHONPATH=$PWD python tools/sweep_w4a8.py --out benchmarks [--kernel wide] [--vary FPX_CHAINS=1,2,4]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 
 SHAPES = {"K=N=8192": (8192, 8192), "7B qkv": (12288, 4096), "7B o": (4096, 4096), "7B gate_up": (22016, 4096),
           "7B down": (4096, 11008), "70B down": (8192, 28672)}
+MORE_SHAPES = {"70B qkv": (10240, 8192), "70B gate_up": (57344, 8192)}  # with --shapes
 VARIANTS = {  # kernel: (macro, values) pairs swept as a product
     "few": (("FPX_STAGES", (2, 3, 4, 6)), ("FPX_ROTATE", (0, 1))),
     "wide": (("FPX_WIDE_WARPS", (4, 8)), ("FPX_WIDE_STAGES", (3, 4, 6))),
@@ -37,7 +39,7 @@ VARIANTS = {  # kernel: (macro, values) pairs swept as a product
 DEFAULT_MS = {"few": "1,4,16", "wide": "32,64,128"}
 
 
-def child(ms: list[int], kernel: str, baseline: bool) -> None:
+def child(ms: list[int], kernel: str, baseline: bool, splits_list: list[int] | None, shapes: dict) -> None:
     """Time the library named by FP_EXPORT_W4A8_LIB; one JSON line per (shape, M, splits)."""
     import torch
 
@@ -50,7 +52,7 @@ def child(ms: list[int], kernel: str, baseline: bool) -> None:
 
     dev = "cuda"
     torch.manual_seed(0)
-    for name, (n, k) in SHAPES.items():
+    for name, (n, k) in shapes.items():
         ws = [random_weight(n, k, dev) for _ in range(copies_for(n * k // 2))]
         for m in ms:
             xq, xs = quantize_rows(torch.randn(m, k, device=dev, dtype=torch.bfloat16))
@@ -64,7 +66,8 @@ def child(ms: list[int], kernel: str, baseline: bool) -> None:
                                   "spread": spread(runs), "fp8": True}), flush=True)
                 del w8
             base = W.default_splits(m, n, k)
-            near = {max(1, base // 2), base, base * 2} | ({1, 2, 4, 8} if kernel == "wide" else set())
+            near = set(splits_list) if splits_list else {max(1, base // 2), base, base * 2} | (
+                {1, 2, 4, 8} if kernel == "wide" else set())
             for splits in sorted(x for x in near if x <= ws[0].kc):
                 try:  # sizes the workspace before capture; --previous may take fewer tokens
                     W.gemm(xq, xs, ws[0], splits=splits, path="mma")
@@ -84,19 +87,29 @@ def main() -> None:
     ap.add_argument("--kernel", choices=tuple(VARIANTS), default="few")
     ap.add_argument("--ms", help="token counts (default by --kernel)")
     ap.add_argument("--previous", type=Path, help="another w4a8_gemm.cu to time beside the variants")
+    ap.add_argument("--vary", action="append", metavar="MACRO=V1,V2", help="sweep these macros instead of the "
+                    "kernel's default set (repeatable; swept as a product)")
+    ap.add_argument("--splits", help="split counts to time (default: around the committed rule)")
+    ap.add_argument("--shapes", help="comma-separated shape names (default: " + ", ".join(SHAPES) + "; also "
+                    + ", ".join(MORE_SHAPES) + ")")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.ms = args.ms or DEFAULT_MS[args.kernel]
     ms = [int(m) for m in args.ms.split(",")]
+    every = {**SHAPES, **MORE_SHAPES}
+    shapes = {name: every[name] for name in args.shapes.split(",")} if args.shapes else SHAPES
     if args.child:
-        return child(ms, args.kernel, args.baseline)
+        return child(ms, args.kernel, args.baseline, [int(x) for x in args.splits.split(",")] if args.splits else None,
+                     shapes)
     import torch
 
     from fp_export.runtime.kernels import compile_cuda
     from fp_export.runtime.w4a8_gemm import LIB_NAME, W4A8Unavailable, build_library
 
     macros = VARIANTS[args.kernel]
+    if args.vary:
+        macros = tuple((m, tuple(int(x) for x in v.split(","))) for m, v in (a.split("=", 1) for a in args.vary))
     variants = [None] + [dict(zip((m for m, _ in macros), vals)) for vals in itertools.product(*(v for _, v in macros))]
     names = ["committed"] + ["_".join(f"{k.split('_')[-1]}{x}" for k, x in v.items()) for v in variants[1:]]
     builds = [lambda nv=nv: build_library(args.workdir / nv[0], nv[1]) for nv in zip(names, variants)]
@@ -113,7 +126,8 @@ def main() -> None:
     rows = []
     for name, v, lib in zip(names, variants, libs):
         env = {**os.environ, "FP_EXPORT_W4A8_LIB": str(lib), "FP_EXPORT_PDL": "0" if "no PDL" in name else "1"}
-        cmd = [sys.executable, __file__, "--child", "--kernel", args.kernel, "--ms", args.ms]
+        cmd = [sys.executable, __file__, "--child", "--kernel", args.kernel, "--ms", args.ms] + (
+            ["--splits", args.splits] if args.splits else []) + (["--shapes", args.shapes] if args.shapes else [])
         r = subprocess.run(cmd + (["--baseline"] if name == "committed" and args.kernel == "wide" else []), env=env,
                            capture_output=True, text=True)
         if r.returncode:
@@ -132,7 +146,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "w4a8_config" + ("_wide" if args.kernel == "wide" else "")
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    shapes = list(SHAPES)
+    shapes = list(shapes)
     md = [f"# W4A8 {args.kernel} kernel: tuning sweep on {report['device']}", "",
           "`tools/sweep_w4a8.py`: each variant built with its macros and timed in its own process (L2-cold weights, "
           "CUDA graphs, median of 3 runs); per shape and M the best split count's time in us, and in brackets the "

@@ -12,10 +12,12 @@ Two paths, chosen by the number of tokens M (fixed rules, no run-time tuning):
   batches): ``plugins/w4a8_gemm.cu``,
   mma.sync m16n8k16 (FP16 inputs, FP32 accumulation; sm_90 has no FP8 mma.sync) with the weights
   as the 16-row MMA side, the 4-bit weights streamed once through shared memory with cp.async
-  (evict-first) and decoded to FP16 by a shift and a mask per code pair; K split over CTAs (``splits``) with a deterministic
-  in-kernel reduction. Up to 16 tokens each warp has its own pipeline (the few-token kernel); from
-  17 to 128 tokens the warps of a CTA share one, so each chunk of activations is copied once per
-  CTA (the wide kernel, ``WIDE_TILES`` tiles per CTA).
+  (evict-first) and decoded to FP16 by a shift and a mask per code pair; K split into ``splits``
+  parts with a deterministic reduction. Up to 16 tokens each warp has its own pipeline (the
+  few-token kernel), and up to 4 warps of a CTA share a tile, each taking a part of K, their sums
+  added in shared memory; parts beyond that go to other CTAs and a workspace. From 17 to 128 tokens
+  the warps of a CTA share one pipeline, so each chunk of activations is copied once per CTA (the
+  wide kernel, ``WIDE_TILES`` tiles per CTA), and the parts of K go to CTAs.
 - otherwise (prefill): the weights are cast to FP8 once per call (``weight_to_fp8``, the same
   decode) into a shared workspace, or taken from a kept FP8 copy, and multiplied with
   ``torch._scaled_mm`` (cuBLASLt, FP8 wgmma).
@@ -226,18 +228,38 @@ def workspace(device: torch.device) -> _Workspace:
 
 
 def default_splits(m: int, n: int, k: int, sms: int = 132) -> int:
-    """K splits of the mma.sync kernels: about ``CTAS_PER_SM`` CTAs per multiprocessor (the few-token
-    kernel: 4 tiles = 64 weight rows per CTA, half as many CTAs at 9-16 tokens; the wide kernel:
-    ``WIDE_TILES`` tiles), at least ``MIN_CHUNKS`` 128-wide K chunks per split. Fixed rule, fitted to
-    the H100 sweeps of benchmarks/w4a8_config.json and w4a8_config_wide.json (L2-cold weights)."""
-    ctas = -(-n // (TILE_N * (4 if m <= 16 else WIDE_TILES)))
+    """K parts of the mma.sync kernels, at least ``MIN_CHUNKS`` 128-wide K chunks each.
+
+    Few-token kernel (M <= 16; ``FEW_WARPS`` warps per CTA; up to 4 parts are taken within a CTA:
+    4 / splits tiles of 16 rows per CTA, splits warps per tile):
+    - a grid already full at 1 part (about ``CTAS_PER_SM`` CTAs per multiprocessor or more): 4
+      parts, the shortest CTAs, so the last ones to start end soonest;
+    - otherwise the 2 or 4 parts that fill the grid, whichever spreads the CTAs more evenly over the
+      multiprocessors (the fewer parts within 2%);
+    - more parts (over CTAs, with a workspace reduction) only while 4 leave multiprocessors idle.
+    Wide kernel: about ``CTAS_PER_SM`` CTAs per multiprocessor. Fixed rule, fitted to the H100
+    sweeps of benchmarks/w4a8_config.json and w4a8_config_wide.json (L2-cold weights)."""
     kc = -(-k // CHUNK_K)
-    want = max(1, ((CTAS_PER_SM // 2 if 8 < m <= 16 else CTAS_PER_SM) * sms) // ctas)
-    return max(1, min(want, kc // MIN_CHUNKS if kc >= MIN_CHUNKS else 1, 64))
+    if m <= 16:
+        ctas = -(-n // (TILE_N * FEW_WARPS))  # at splits = 1
+        full = FULL * CTAS_PER_SM * sms
+        if ctas >= full:
+            splits = FEW_WARPS
+        else:
+            fill = [s for s in (2, FEW_WARPS) if ctas * s >= full] or [FEW_WARPS]
+            uneven = {s: -(-ctas * s // sms) * sms / (ctas * s) for s in fill}  # busiest SM's CTAs / mean
+            splits = min(s for s in fill if uneven[s] <= 1.02 * min(uneven.values()))
+        while splits < 64 and ctas * splits < sms:
+            splits *= 2
+    else:
+        splits = max(1, CTAS_PER_SM * sms // -(-n // (TILE_N * WIDE_TILES)))
+    return max(1, min(splits, kc // MIN_CHUNKS if kc >= MIN_CHUNKS else 1, 64))
 
 
 CTAS_PER_SM = 2
+FULL = 0.95  # a grid within 5% of CTAS_PER_SM CTAs per multiprocessor counts as full (128 x 2 on 132)
 MIN_CHUNKS = 4
+FEW_WARPS = 4  # warps per CTA of the few-token kernel (WARPS in plugins/w4a8_gemm.cu)
 
 
 def weight_to_fp8(w: W4A8Weight, out: torch.Tensor | None = None) -> torch.Tensor:
