@@ -238,7 +238,8 @@ def default_splits(m: int, n: int, k: int, sms: int = 132) -> int:
       multiprocessors (the fewer parts within 2%);
     - more parts (over CTAs, with a workspace reduction) only while 4 leave multiprocessors idle.
     Wide kernel: about ``CTAS_PER_SM`` CTAs per multiprocessor. Fixed rule, fitted to the H100
-    sweeps of benchmarks/w4a8_config.json and w4a8_config_wide.json (L2-cold weights)."""
+    sweeps of benchmarks/w4a8_config.json, w4a8_config_n.json and w4a8_config_wide.json (L2-cold
+    weights)."""
     kc = -(-k // CHUNK_K)
     if m <= 16:
         ctas = -(-n // (TILE_N * FEW_WARPS))  # at splits = 1
