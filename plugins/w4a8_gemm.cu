@@ -1,35 +1,37 @@
-// fp-export: W4A8 GEMM for few tokens on Hopper (sm_90) tensor cores.
+// fp-export: W4A8 GEMM for up to 128 tokens on Hopper (sm_90a) FP8 tensor cores (wgmma).
 //
-// C^T = W A^T: the weights are the 16-row side of mma.sync m16n8k16 (FP16 inputs, FP32
-// accumulation; 16 output channels per warp), the tokens its 8-column side (NT tiles of 8 tokens).
-// sm_90 has no FP8 mma.sync (only wgmma): an E4M3 mma.sync compiles to FP8 -> FP16 conversions and
-// FP16 HMMAs, so the kernel decodes the FP4 codes straight to FP16 and converts the activations
-// (E4M3 -> FP16 is exact) itself.
+// C^T = W A^T on wgmma.mma_async m64nNk32 (N = 8, 16, 32, 64 tokens; f32 accumulators): the weights
+// are wgmma's 64-row A side, taken from registers, where each warp of a warpgroup decodes its 16
+// rows; the activations (E4M3, as quantized) are its N side, read from shared memory.
 //
-// Decode (no table, no arithmetic on values): an E2M1 code s|e1 e0 m placed as FP16 bits
-// s << 15 | (e1 e0 m) << 9 is the code's value times 2^-14 exactly (E2M1's subnormal 0.5 lands on
-// FP16's subnormals), so a code pair becomes an FP16x2 register with a shift and a mask. The
-// group's power of two 2^shift and the 2^14 multiply the FP32 partial sum of each 32-code group
-// (exact), before it is added to the accumulator.
+// Decode (no table, no arithmetic on values): an E2M1 code s|e1 e0 m placed as E5M2 bits
+// s << 7 | (e1 e0 m) << 1 is the code's value times 2^-14 exactly (E2M1's subnormal 0.5 lands on
+// E5M2's subnormals), so a 32-bit layout word (8 codes) becomes two registers of four E5M2 bytes with
+// one mask for codes 0-3 and two shifts and masks for codes 4-7 (``decode``); wgmma multiplies E5M2
+// by E4M3 directly. The group's power of two 2^shift and the 2^14 multiply each 32-code group's
+// partial sum (exact), before it is added to the FP32 accumulator.
+//
+// Accumulation: Hopper's FP8 wgmma adds the 32 products of one k32 step and the accumulator in one
+// fused sum aligned to its largest term, keeping 13 bits below it and truncating (the precision of
+// cuBLAS FP8 GEMMs on this GPU). Each group's sum (1, 2 or 4 k32 steps) starts from zero and is
+// promoted to the FP32 accumulator by an FMA, so the truncation never reaches the running total.
 //
 // Layout (fp_export/runtime/w4a8_gemm.py, ``prepare``): for each 16-row tile and 128-wide K chunk,
 // 1 KB in which lane L = 4g + t holds two 16-byte vectors, rows g and g + 8; word j (0..3) of a
-// vector holds the 8 codes k = 128c + 32j + 8t + i (i = 0..7) with code i's 3 magnitude bits and
-// sign bit at (MAG_AT[i], SIGN_AT[i]), chosen so that codes (0,1), (2,3), (4,5), (6,7) decode with
-// shifts of 0, 3, 6 (sign 1) and 9 (sign 2) bits and one mask each (``decode``). MMA j, h (two per
-// word) takes the lane's codes 4h .. 4h + 3 of word j and the same four activations: every MMA
-// lies inside one 32-code group. The shifts of a chunk are 16 x SUB bytes (SUB = 1, 2 or 4 shifts
-// per row per chunk: groups of >= 128, 64, 32 codes).
+// vector is wgmma step j of the chunk: codes i = 0..3 are k = 128c + 32j + 4t + i, codes 4..7 are
+// k = 128c + 32j + 16 + 4t + (i - 4), the lane's part of wgmma's register fragment (rows g and
+// g + 8, k 4t..4t+3 and 16+4t..16+4t+3). Byte i of a word holds code i's sign at bit 7 and
+// magnitude at bits 1-3, code (i + 4)'s magnitude at bits 4-6 and sign at bit 0 (MAG_AT, SIGN_AT).
+// The shifts of a chunk are 16 x SUB bytes per tile (SUB = 1, 2 or 4 shifts per row per chunk:
+// groups of >= 128, 64, 32 codes), so every wgmma step lies inside one 32-code group.
 //
-// Up to 16 tokens (w4a8_gemm_kernel), each warp (a 16-row tile and a part of its K range; 4 warps
-// per CTA, 1, 2 or 4 of them per tile) streams its weights, shifts and activations through its own
-// ring of shared-memory stages with cp.async (weights with the L2 evict-first policy), so the copies
-// of several K chunks are in flight while one is decoded and multiplied; the warps of a tile add
-// their sums in shared memory. From 17 to 128 tokens (w4a8_gemm_wide_kernel) the activations of a
-// chunk outweigh a tile's weights, so the warps of a CTA share one ring and copy each chunk's
-// activations once. K is also split over gridDim.y CTAs; partial sums go to a workspace and the
-// last CTA of each column block (an arrival counter, reset by that CTA) adds them in split order.
-// Every reduction has a fixed order: deterministic.
+// Grid: a CTA takes 64 rows (4 tiles) and KW warpgroups (1, 2 or 4), each streaming 1/KW of the
+// CTA's K range through its own ring of shared-memory stages with cp.async (weights with the L2
+// evict-first policy): the copies of several K chunks are in flight while one is decoded and
+// multiplied. The warpgroups add their sums in shared memory; K is also split over gridDim.y CTAs,
+// whose partial sums go to a workspace where the last CTA of each column block (an arrival
+// counter, reset by that CTA) adds them in split order. Every reduction has a fixed order:
+// deterministic. More than 64 tokens: one launch per 64.
 #include "w4a8_gemm.h"
 
 #include <cuda_bf16.h>
@@ -40,13 +42,15 @@
 
 namespace {
 
-constexpr int WARPS = 4;  // 16-row tiles per CTA (one per warp)
+constexpr int WG_THREADS = 128;  // one warpgroup: 4 warps, one 16-row tile each
+constexpr int WG_TILES = 4;      // 16-row tiles per CTA (wgmma's 64 rows)
+constexpr int MAX_M = 64;        // tokens per launch (wgmma N = 64)
 
 // Offline-tuned constants (tools/sweep_w4a8.py builds variants with -D and times them on L2-cold
-// weights; benchmarks/w4a8_config.md): pipeline stages (128-wide K chunks in flight per warp) at up
-// to 16 tokens; whether each warp starts at a different chunk of its K range (FPX_ROTATE: on the
-// H100, 1.10x at equal stages: warps that all read the same offset of their tiles at once are
-// slower); whether weight copies carry the L2 evict-first policy and a 256-byte prefetch.
+// weights; benchmarks/w4a8_config.md): pipeline stages (128-wide K chunks per warpgroup; even, as the
+// ring alternates two sets of registers); whether each warpgroup starts at a different chunk of its
+// K range (FPX_ROTATE: warps that all read the same offset of their tiles at once are slower);
+// whether weight copies carry the L2 evict-first policy and a 256-byte prefetch.
 #ifndef FPX_STAGES
 #define FPX_STAGES 4
 #endif
@@ -56,19 +60,18 @@ constexpr int WARPS = 4;  // 16-row tiles per CTA (one per warp)
 #ifndef FPX_EVICT_FIRST
 #define FPX_EVICT_FIRST 1
 #endif
+static_assert(FPX_STAGES % 2 == 0 && FPX_STAGES >= 4, "FPX_STAGES: even, at least 4");
 
-// Shared memory of one pipeline stage (one K chunk) for TILES 16-row tiles: their weights (64
-// 16-byte vectors each), shifts (16 rows x SUB bytes each) and the activations (8 * NT token rows
-// of 128 bytes, row stride 160 bytes so the 16 lanes of an 8-byte access phase hit distinct
-// banks). The few-token kernel has one ring of these per warp (TILES = 1), the wide kernel one per
-// CTA.
-constexpr int A_STRIDE = 160;
-template <int TILES, int NT, int SUB>
+// Shared memory of one pipeline stage (one K chunk of one warpgroup): the 4 tiles' weights (1 KB
+// each), their shifts (16 rows x SUB bytes each) and the activations of 8 * NT tokens in wgmma's
+// K-major layout without swizzle: NT x 8 "core matrices" of 8 tokens x 16 bytes (128 bytes each),
+// token m's bytes 16v .. 16v + 15 of the chunk at A + ((m / 8) * 8 + v) * 128 + (m % 8) * 16.
+template <int NT, int SUB>
 struct Stage {
   static constexpr int W = 0;
-  static constexpr int S = W + TILES * 64 * 16;
-  static constexpr int A = S + TILES * 16 * SUB;
-  static constexpr int BYTES = A + 8 * NT * A_STRIDE;
+  static constexpr int S = W + WG_TILES * 1024;
+  static constexpr int A = S + WG_TILES * 16 * SUB;
+  static constexpr int BYTES = A + NT * 1024;
 };
 
 // x, opaque to the compiler: it stays in a register instead of being recomputed where it is used.
@@ -113,60 +116,109 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// The four FP16x2 registers (value * 2^-14) of one layout word: codes (0,1), (2,3), (4,5), (6,7).
-__device__ __forceinline__ void decode(uint32_t w, uint32_t (&o)[4]) {
-  constexpr uint32_t MAG = 0x0E000E00u, SIGN = 0x80008000u;
-  o[0] = w & (MAG | SIGN);
-  o[1] = (w << 3) & (MAG | SIGN);
-  o[2] = ((w << 6) & MAG) | ((w << 1) & SIGN);
-  o[3] = ((w << 9) & MAG) | ((w << 2) & SIGN);
+// The 128 threads of warpgroup `wg` of the CTA (named barrier 1 + wg; 0 is __syncthreads).
+__device__ __forceinline__ void warpgroup_sync(int wg) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(1 + wg), "n"(WG_THREADS) : "memory");
+}
+
+// lo, hi: the E5M2 bytes (value * 2^-14) of a layout word's codes 0-3 and 4-7.
+__device__ __forceinline__ void decode(uint32_t w, uint32_t& lo, uint32_t& hi) {
+  lo = w & 0x8E8E8E8Eu;
+  hi = ((w >> 3) & 0x0E0E0E0Eu) | ((w << 7) & 0x80808080u);
 }
 
 // 2^(14 + shift) as float: undoes decode's 2^-14 and applies the group's power of two.
 __device__ __forceinline__ float group_scale(int shift) { return __int_as_float((shift + 141) << 23); }
 
-// Four E4M3 bytes -> two FP16x2 registers (bytes 0-1, bytes 2-3; exact).
-__device__ __forceinline__ void fp8x4_to_half2x2(uint32_t x, uint32_t& lo, uint32_t& hi) {
-  asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
-      : "=r"(lo), "=r"(hi)
-      : "r"(x));
+// wgmma matrix descriptor of shared memory at byte address `addr`: K-major, no swizzle, core
+// matrices 128 bytes apart along K (leading byte offset) and 1024 bytes apart along N (stride byte
+// offset), as Stage::A lays the activations out.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(128 >> 4) << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32);
 }
 
-__device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
-// 2^shift as FP16x2 bits (shift in the shift-cast's [-5, 6]: FP16 normals).
-__device__ __forceinline__ uint32_t half2_pow2(int shift) {
-  const uint32_t h = static_cast<uint32_t>(shift + 15) << 10;
-  return h | (h << 16);
+// d = A B (ACC false) or d += A B (ACC true) for one k32 step: a = the thread's register fragment of
+// the warpgroup's 64 x 32 E5M2 weights, desc = the 32 x (8 NT) E4M3 activations in shared memory.
+// (The zeroing form writes d without reading it: d needs no initial value, and ptxas keeps the
+// wgmmas asynchronous only when no other instruction defines their accumulators.)
+template <int NT, bool ACC>
+__device__ __forceinline__ void wgmma(float (&d)[NT][4], const uint32_t (&a)[4], uint64_t desc);
+
+template <>
+__device__ __forceinline__ void wgmma<1, false>(float (&d)[1][4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n8k32.f32.e5m2.e4m3 {%0,%1,%2,%3}, {%4,%5,%6,%7}, %8, 0, 1, 1;\n"
+               : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+template <>
+__device__ __forceinline__ void wgmma<1, true>(float (&d)[1][4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n8k32.f32.e5m2.e4m3 {%0,%1,%2,%3}, {%4,%5,%6,%7}, %8, 1, 1, 1;\n"
+               : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+template <>
+__device__ __forceinline__ void wgmma<2, false>(float (&d)[2][4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n16k32.f32.e5m2.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, 0, 1, 1;\n"
+               : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]), "=f"(d[1][2]), "=f"(d[1][3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+template <>
+__device__ __forceinline__ void wgmma<2, true>(float (&d)[2][4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n16k32.f32.e5m2.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, 1, 1, 1;\n"
+               : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+template <>
+__device__ __forceinline__ void wgmma<4, false>(float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k32.f32.e5m2.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, 0, 1, 1;\n"
+               : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]), "=f"(d[1][2]), "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]), "=f"(d[3][0]), "=f"(d[3][1]), "=f"(d[3][2]), "=f"(d[3][3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+template <>
+__device__ __forceinline__ void wgmma<4, true>(float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k32.f32.e5m2.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, 1, 1, 1;\n"
+               : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+template <>
+__device__ __forceinline__ void wgmma<8, false>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k32.f32.e5m2.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, 0, 1, 1;\n"
+               : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]), "=f"(d[1][2]), "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]), "=f"(d[3][0]), "=f"(d[3][1]), "=f"(d[3][2]), "=f"(d[3][3]), "=f"(d[4][0]), "=f"(d[4][1]), "=f"(d[4][2]), "=f"(d[4][3]), "=f"(d[5][0]), "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]), "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]), "=f"(d[7][0]), "=f"(d[7][1]), "=f"(d[7][2]), "=f"(d[7][3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+template <>
+__device__ __forceinline__ void wgmma<8, true>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k32.f32.e5m2.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, 1, 1, 1;\n"
+               : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 }
 
-__device__ __forceinline__ uint32_t hmul2(uint32_t x, uint32_t y) {
-  uint32_t z;
-  asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(z) : "r"(x), "r"(y));
-  return z;
-}
-
-// The cp.async ring both kernels run over `chunks` K chunks, S stages of BYTES each: load(i, stage,
+// The cp.async ring a warpgroup runs over `chunks` K chunks, S stages of BYTES each: load(i, stage,
 // weights, acts) copies the i-th chunk of the caller's order into the stage at byte offset `stage`,
-// sync() makes a landed stage visible to every reader (and frees the previous one), compute(stage)
-// multiplies it. The first stages' weights go out before the wait for the kernel that writes the
-// activations (programmatic dependent launch), everything else after it; every thread waits, so
-// nothing (workspace, counters, scales) is touched before that kernel has finished. (An L2
-// prefetch of further weight chunks before the wait was slower: benchmarks/w4a8_notes.md.)
+// sync() makes a landed stage visible to the warpgroup, compute(stage, s, i) multiplies it (s = i % S).
+// A stage is refilled two chunks after it was multiplied: the warpgroup's wgmmas read it
+// asynchronously and the last ones of a chunk may still run while the next chunk is issued, so
+// S - 2 chunks are in flight. The first stages' weights go out before the wait for the kernel that
+// writes the activations (programmatic dependent launch), everything else after it; every thread
+// waits, so nothing (workspace, counters, scales) is touched before that kernel has finished.
 template <int S, int BYTES, typename Load, typename Sync, typename Compute>
 __device__ __forceinline__ void run_ring(int chunks, Load&& load, Sync&& sync, Compute&& compute) {
+  constexpr int AHEAD = S - 2;
 #pragma unroll
-  for (int i = 0; i < S - 1; ++i)
+  for (int i = 0; i < AHEAD; ++i)
     if (i < chunks) load(i, i * BYTES, true, false);
   grid_dependency_wait();
   if (chunks <= 0) return;
 #pragma unroll
-  for (int i = 0; i < S - 1; ++i) {
+  for (int i = 0; i < AHEAD; ++i) {
     if (i < chunks) load(i, i * BYTES, false, true);
     cp_async_commit();
   }
@@ -176,72 +228,15 @@ __device__ __forceinline__ void run_ring(int chunks, Load&& load, Sync&& sync, C
     for (int s = 0; s < S; ++s) {
       const int i = i0 + s;
       if (i < chunks) {
-        cp_async_wait<S - 2>();
-        sync();  // chunk i has landed for every thread; every reader is done with chunk i - 1's stage
-        if (i + S - 1 < chunks) load(i + S - 1, ((s + S - 1) % S) * BYTES, true, true);
+        cp_async_wait<AHEAD - 1>();
+        sync();  // chunk i has landed for every thread; every wgmma of chunk i - 2 has completed
+        if (i + AHEAD < chunks) load(i + AHEAD, ((s + AHEAD) % S) * BYTES, true, true);
         cp_async_commit();
-        compute(s * BYTES);
+        compute(s * BYTES, s, i);
       }
     }
   }
   cp_async_wait<0>();
-}
-
-// One 128-wide K chunk of one 16-row tile: w0, w1 = the lane's layout vectors (rows g and g + 8),
-// act = the chunk's activations in shared memory (token m's 128 bytes at act + m * A_STRIDE), sc =
-// the tile's shifts of the chunk (16 rows x SUB). The group's power of two is applied one of two
-// ways, both exact:
-// - SCALE_W false: FP32 partial sums per 32-code group in part, scaled by 2^(14 + shift) into acc
-//   (few tokens: a few FMAs per group);
-// - SCALE_W true: the decoded FP16 weights (value * 2^-14) times 2^shift, an FP16 multiply that is
-//   exact because value * 2^(shift - 14) (value a multiple of 0.5, shift >= -5) is a multiple of
-//   2^-20, within FP16's reach; acc then holds the sum times 2^-14 (many tokens: no second set of
-//   accumulators; part is unused).
-template <int NT, int SUB, bool SCALE_W>
-__device__ __forceinline__ void mma_chunk(float (&acc)[NT][4], float (&part)[NT][4], const uint4& w0, const uint4& w1,
-                                          const uint8_t* act, const int8_t* sc, int g, int t, int M) {
-  constexpr int WORDS_PER_GROUP = 4 / SUB;
-  const uint32_t W0[4] = {w0.x, w0.y, w0.z, w0.w}, W1[4] = {w1.x, w1.y, w1.z, w1.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    uint32_t r0[4], r1[4];  // rows g and g + 8
-    decode(W0[j], r0);
-    decode(W1[j], r1);
-    if constexpr (SCALE_W) {
-      const int q = j / WORDS_PER_GROUP;
-      const uint32_t s0 = half2_pow2(sc[g * SUB + q]), s1 = half2_pow2(sc[(g + 8) * SUB + q]);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        r0[i] = hmul2(r0[i], s0);
-        r1[i] = hmul2(r1[i], s1);
-      }
-    }
-    const uint32_t a_lo[4] = {r0[0], r1[0], r0[1], r1[1]}, a_hi[4] = {r0[2], r1[2], r0[3], r1[3]};
-    float(&sum)[NT][4] = SCALE_W ? acc : part;
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      const int m = n * 8 + g;
-      uint2 x = make_uint2(0, 0);
-      if (m < M) x = *reinterpret_cast<const uint2*>(act + m * A_STRIDE + 32 * j + 8 * t);
-      uint32_t b[4];
-      fp8x4_to_half2x2(x.x, b[0], b[1]);
-      fp8x4_to_half2x2(x.y, b[2], b[3]);
-      mma_f16(sum[n], a_lo, b[0], b[1]);
-      mma_f16(sum[n], a_hi, b[2], b[3]);
-    }
-    if (!SCALE_W && (j + 1) % WORDS_PER_GROUP == 0) {
-      const int q = j / WORDS_PER_GROUP;
-      const float s0 = group_scale(sc[g * SUB + q]), s1 = group_scale(sc[(g + 8) * SUB + q]);
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        acc[n][0] = fmaf(part[n][0], s0, acc[n][0]);
-        acc[n][1] = fmaf(part[n][1], s0, acc[n][1]);
-        acc[n][2] = fmaf(part[n][2], s1, acc[n][2]);
-        acc[n][3] = fmaf(part[n][3], s1, acc[n][3]);
-        part[n][0] = part[n][1] = part[n][2] = part[n][3] = 0.f;
-      }
-    }
-  }
 }
 
 // What the epilogue needs besides the accumulators.
@@ -322,75 +317,83 @@ __device__ __forceinline__ void epilogue(float (&acc)[NT][4], const Epilogue& p,
     }
 }
 
-// Each warp streams its tile's K range chunk by chunk through its own ring of FPX_STAGES
-// shared-memory stages (cp.async; the warp's lanes read what other lanes copied, so one __syncwarp
-// per chunk and no CTA barrier): the copies of the next FPX_STAGES - 1 chunks are in flight while a
-// chunk is decoded and multiplied, and registers hold one chunk only. The WARPS warps of a CTA take
-// WARPS / KW tiles, KW warps per tile, each 1/KW of the CTA's K range; the KW sums of a tile are
-// added in shared memory, in warp order, at the end (a K split without the global reduction).
+// The CTA's KW warpgroups take its 64 rows (one 16-row tile per warp) and 1/KW of its K range each;
+// each warpgroup streams its chunks through its own ring of FPX_STAGES stages (one warpgroup barrier
+// per chunk). Per chunk a thread decodes its 32 codes into four wgmma fragments (two sets of
+// registers, alternating between chunks, so that a chunk is decoded while the previous one's wgmmas
+// run); per 32-code group one wgmma group into a zeroed partial sum (two, alternating), promoted to
+// the FP32 accumulators with the group's scale once the next group has been issued. The KW sums
+// are added in shared memory, in warpgroup order, at the end.
 template <int NT, int SUB, int KW>
-__global__ void __launch_bounds__(WARPS * 32) w4a8_gemm_kernel(const uint4* __restrict__ wt,
-                                                                const int8_t* __restrict__ st,
-                                                                const uint8_t* __restrict__ a, int K, int lda, int KC,
-                                                                int chunks_per_split, const Epilogue ep) {
-  using L = Stage<1, NT, SUB>;
-  constexpr int S = FPX_STAGES, TILES = WARPS / KW;
+__global__ void __launch_bounds__(KW * WG_THREADS, NT <= 2 ? 4 / KW : 1) w4a8_gemm_kernel(const uint4* __restrict__ wt,
+                                                                     const int8_t* __restrict__ st,
+                                                                     const uint8_t* __restrict__ a, int K, int lda,
+                                                                     int KC, int chunks_per_split, const Epilogue ep) {
+  using L = Stage<NT, SUB>;
+  constexpr int S = FPX_STAGES, STEPS = 4 / SUB;   // wgmma k32 steps per group
+  constexpr int AV = (64 * NT + WG_THREADS - 1) / WG_THREADS;  // activation vectors per thread per chunk
+  extern __shared__ __align__(128) uint8_t smem[];
   const int M = ep.M, N = ep.N;
-  constexpr int AV = 2 * NT;  // activation vectors per lane per chunk: 8 * NT rows x 8 vectors / 32 lanes
-  extern __shared__ __align__(16) uint8_t smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int wg = warp / WG_TILES, wq = warp % WG_TILES, tid = threadIdx.x % WG_THREADS;
   const int g = pinned(lane >> 2), t = pinned(lane & 3);
   const int ntiles = (N + 15) >> 4;
-  const int tile = blockIdx.x * TILES + warp % TILES, slice = warp / TILES;
+  const int tile = blockIdx.x * WG_TILES + wq;
+  const bool own = tile < ntiles;  // warps past the last tile multiply whatever their stage holds
   const int cta_begin = blockIdx.y * chunks_per_split;
   const int cta_chunks = max(0, min(KC, cta_begin + chunks_per_split) - cta_begin);
-  const int per_slice = (cta_chunks + KW - 1) / KW;
-  const int c_begin = cta_begin + slice * per_slice;
-  const int chunks = tile < ntiles ? max(0, min(per_slice, cta_chunks - slice * per_slice)) : 0;
+  const int per_wg = (cta_chunks + KW - 1) / KW;
+  const int c_begin = cta_begin + wg * per_wg;
+  const int chunks = max(0, min(per_wg, cta_chunks - wg * per_wg));  // the same for the 4 warps
 
-  float acc[NT][4], part[NT][4];
+  float acc[NT][4], part[SUB][NT][4];  // part: each 32-code group's sum of the chunk in flight
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[j][i] = part[j][i] = 0.f;
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+  float ps[SUB][2];  // the scales (rows g, g + 8) of those groups
 
-  uint8_t* ring = smem + warp * S * L::BYTES;
+  uint8_t* ring = smem + wg * S * L::BYTES;
   const uint32_t ring_addr = smem_addr(ring);
   uint64_t policy = 0;
 #if FPX_EVICT_FIRST
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
 #endif
-  // This lane's copies per chunk: two weight vectors, (lane < SUB) one shift vector, and the
-  // activation vectors v = lane + 32 r of rows m = v / 8 < M (bytes 16 (v % 8) of the chunk;
-  // zeros past K).
-  const uint4* w_src = pinned(wt + (static_cast<size_t>(tile) * KC + c_begin) * 64 + lane);
-  const int8_t* s_src = pinned(st + (static_cast<size_t>(tile) * KC + c_begin) * 16 * SUB + lane * 16);
-  // Shared-memory destinations of this lane's copies in stage 0 (pinned, so that the compiler keeps
-  // them in registers instead of recomputing them from the thread index in every chunk).
-  const uint32_t w_dst = pinned(ring_addr + L::W + lane * 16), s_dst = pinned(ring_addr + L::S + lane * 16);
-  const uint32_t s_on = pinned<uint32_t>(lane < SUB);
+  // This thread's copies per chunk: its warp's two weight vectors, (lane < SUB) one shift vector,
+  // and the activation vectors v = tid + 128 r of tokens m = v / 8 < M (bytes 16 (v % 8) of the
+  // chunk; zeros past K). Tokens >= M are never written: they only reach output columns >= M.
+  const size_t first = static_cast<size_t>(own ? tile : 0) * KC + c_begin;
+  const uint4* w_src = pinned(wt + first * 64 + lane);
+  const int8_t* s_src = pinned(st + first * 16 * SUB + lane * 16);
+  // Shared-memory destinations in stage 0 (pinned, so that the compiler keeps them in registers
+  // instead of recomputing them from the thread index in every chunk).
+  const uint32_t w_dst = pinned(ring_addr + L::W + wq * 1024 + lane * 16);
+  const uint32_t s_dst = pinned(ring_addr + L::S + wq * 16 * SUB + lane * 16);
+  const uint32_t w_on = pinned<uint32_t>(own), s_on = pinned<uint32_t>(own && lane < SUB);
   const uint8_t* a_src[AV];
   uint32_t a_dst[AV], a_k[AV];  // a_k: the vector's offset in its row at the range's first chunk
-  uint32_t a_on[AV];            // row m < M
+  uint32_t a_on[AV];            // token m < M
 #pragma unroll
   for (int r = 0; r < AV; ++r) {
-    const int v = lane + 32 * r, m = v >> 3;
+    const int v = tid + WG_THREADS * r, m = v >> 3;
     a_k[r] = pinned<uint32_t>(c_begin * 128 + (v & 7) * 16);
     a_src[r] = pinned(a + static_cast<size_t>(m < M ? m : 0) * lda + a_k[r]);
-    a_dst[r] = pinned(ring_addr + L::A + m * A_STRIDE + (v & 7) * 16);
+    a_dst[r] = pinned(ring_addr + L::A + ((m >> 3) * 8 + (v & 7)) * 128 + (m & 7) * 16);
     a_on[r] = pinned<uint32_t>(m < M);
   }
-  // The warps start at different chunks of their range (FPX_ROTATE), so that concurrent copies
-  // spread over the address space instead of all reading the same offset of their tiles.
-  const uint32_t rot = FPX_ROTATE && chunks > 0 ? (tile * 5 + slice) % chunks : 0;
+  // The warpgroups start at different chunks of their range (FPX_ROTATE), so that concurrent
+  // copies spread over the address space instead of all reading the same offset of their tiles.
+  const uint32_t rot = FPX_ROTATE && chunks > 0 ? (blockIdx.x * 5 + wg) % chunks : 0;
   // chunk c_begin + (i0 + rot) % chunks into the stage at byte offset `stage`: its weights and
-  // shifts (which no earlier kernel writes) and/or its activations (zeros past K)
+  // shifts (which no earlier kernel writes) and/or its activations
   auto load = [&](uint32_t i0, uint32_t stage, bool weights, bool acts) {
     const uint32_t i = i0 + rot < static_cast<uint32_t>(chunks) ? i0 + rot : i0 + rot - chunks;
     if (weights) {
       const uint4* src = w_src + i * 64;
-      cp_async16_stream(w_dst + stage, src, policy);
-      cp_async16_stream(w_dst + stage + 512, src + 32, policy);
+      if (w_on) {
+        cp_async16_stream(w_dst + stage, src, policy);
+        cp_async16_stream(w_dst + stage + 512, src + 32, policy);
+      }
       if (s_on) cp_async16(s_dst + stage, s_src + i * 16 * SUB, 16);
     }
     if (acts)
@@ -401,113 +404,73 @@ __global__ void __launch_bounds__(WARPS * 32) w4a8_gemm_kernel(const uint4* __re
       }
   };
 
-  run_ring<S, L::BYTES>(chunks, load, [] { __syncwarp(); }, [&](uint32_t rd) {
+  // The chunk's group sums, times their scales, into the accumulators (after the wgmmas completed).
+  auto promote = [&] {
+#pragma unroll
+    for (int q = 0; q < SUB; ++q)
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        acc[n][0] = fmaf(part[q][n][0], ps[q][0], acc[n][0]);
+        acc[n][1] = fmaf(part[q][n][1], ps[q][0], acc[n][1]);
+        acc[n][2] = fmaf(part[q][n][2], ps[q][1], acc[n][2]);
+        acc[n][3] = fmaf(part[q][n][3], ps[q][1], acc[n][3]);
+      }
+  };
+  uint32_t frag[2][4][4];  // [chunk parity][wgmma step][register]: decoded while the previous chunk's wgmmas run
+  auto compute = [&](uint32_t rd, int s, int i) {
+    const int b = s & 1;  // S is even: the parity of the chunk
     const uint8_t* stage = ring + rd;
-    const uint4* wv = reinterpret_cast<const uint4*>(stage + L::W);
-    mma_chunk<NT, SUB, false>(acc, part, wv[lane], wv[lane + 32], stage + L::A,
-                              reinterpret_cast<const int8_t*>(stage + L::S), g, t, M);
-  });
-  if constexpr (KW > 1) {  // slices 1 .. KW-1 hand their sums to slice 0 through the (drained) rings
+    const uint4* wv = reinterpret_cast<const uint4*>(stage + L::W) + wq * 64;
+    const uint4 w0 = wv[lane], w1 = wv[lane + 32];
+    const uint32_t W0[4] = {w0.x, w0.y, w0.z, w0.w}, W1[4] = {w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      decode(W0[j], frag[b][j][0], frag[b][j][2]);
+      decode(W1[j], frag[b][j][1], frag[b][j][3]);
+    }
+    wgmma_wait<0>();  // the previous chunk's wgmmas have completed
+    if (i > 0) promote();
+    const int8_t* sc = reinterpret_cast<const int8_t*>(stage + L::S) + wq * 16 * SUB;
+#pragma unroll
+    for (int q = 0; q < SUB; ++q) {
+      ps[q][0] = group_scale(sc[g * SUB + q]);
+      ps[q][1] = group_scale(sc[(g + 8) * SUB + q]);
+    }
+    const uint64_t desc = smem_desc(ring_addr + rd + L::A);  // + 16 j: step j's first core matrix (no carry)
+    wgmma_fence();
+#pragma unroll
+    for (int q = 0; q < SUB; ++q) {
+      wgmma<NT, false>(part[q], frag[b][q * STEPS], desc + ((2 * q * STEPS * 128) >> 4));
+#pragma unroll
+      for (int u = 1; u < STEPS; ++u) {
+        const int j = q * STEPS + u;
+        wgmma<NT, true>(part[q], frag[b][j], desc + ((2 * j * 128) >> 4));
+      }
+    }
+    wgmma_commit();
+  };
+
+  run_ring<S, L::BYTES>(chunks, load, [wg] { warpgroup_sync(wg); }, compute);
+  wgmma_wait<0>();
+  if (chunks > 0) promote();
+  if constexpr (KW > 1) {  // warpgroups 1 .. KW-1 hand their sums to warpgroup 0 through the (drained) rings
     float* red = reinterpret_cast<float*>(smem);
     __syncthreads();
-    if (slice > 0)
+    if (wg > 0)
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) red[((warp - TILES) * NT * 4 + j * 4 + i) * 32 + lane] = acc[j][i];
+        for (int i = 0; i < 4; ++i) red[(((wg - 1) * WG_TILES + wq) * NT * 4 + j * 4 + i) * 32 + lane] = acc[j][i];
     __syncthreads();
-    if (slice == 0)
+    if (wg == 0)
 #pragma unroll
       for (int s = 1; s < KW; ++s)
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) acc[j][i] += red[(((s - 1) * TILES + warp) * NT * 4 + j * 4 + i) * 32 + lane];
+          for (int i = 0; i < 4; ++i) acc[j][i] += red[(((s - 1) * WG_TILES + wq) * NT * 4 + j * 4 + i) * 32 + lane];
   }
-  epilogue<NT>(acc, ep, slice == 0 ? tile : ntiles, ntiles, g, t);  // slices > 0 only join its barriers
-}
-
-// The wide kernel (17-128 tokens): tiles per CTA and pipeline stages (offline-tuned, as above).
-#ifndef FPX_WIDE_WARPS
-#define FPX_WIDE_WARPS 4
-#endif
-#ifndef FPX_WIDE_STAGES
-#define FPX_WIDE_STAGES 4
-#endif
-constexpr int WIDE_WARPS = FPX_WIDE_WARPS;
-
-// 17-128 tokens, where the activations outweigh a tile's weights: the CTA's warps (one 16-row
-// tile each) walk their K range together through one ring of FPX_WIDE_STAGES shared stages
-// (cp.async, one CTA barrier per chunk), so each chunk's activations are copied once per CTA, not
-// once per warp. The MMAs and the epilogue are the few-token kernel's.
-template <int NT, int SUB>
-__global__ void __launch_bounds__(WIDE_WARPS * 32) w4a8_gemm_wide_kernel(const uint4* __restrict__ wt,
-                                                                         const int8_t* __restrict__ st,
-                                                                         const uint8_t* __restrict__ a, int K,
-                                                                         int lda, int KC, int chunks_per_split,
-                                                                         const Epilogue ep) {
-  using L = Stage<WIDE_WARPS, NT, SUB>;
-  constexpr int S = FPX_WIDE_STAGES, THREADS = WIDE_WARPS * 32;
-  constexpr int AV = 64 * NT / THREADS;  // activation vectors per thread per chunk: 8 * NT rows x 8 vectors
-  static_assert(AV * THREADS == 64 * NT, "activation vectors must divide among the CTA's threads");
-  extern __shared__ __align__(16) uint8_t smem[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const int M = ep.M, ntiles = (ep.N + 15) >> 4;
-  const int tile = blockIdx.x * WIDE_WARPS + warp;
-  const bool own = tile < ntiles;
-  const int c_begin = blockIdx.y * chunks_per_split;
-  const int chunks = max(0, min(KC, c_begin + chunks_per_split) - c_begin);
-
-  float acc[NT][4];  // the sums times 2^-14 (mma_chunk with SCALE_W)
-#pragma unroll
-  for (int j = 0; j < NT; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
-
-  const uint32_t ring_addr = smem_addr(smem);
-  uint64_t policy = 0;
-#if FPX_EVICT_FIRST
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-#endif
-  // This thread's copies per chunk: its warp's two weight vectors and (lane < SUB) shift vector,
-  // and the activation vectors v = threadIdx.x + THREADS r of rows m = v / 8 < M (bytes 16 (v % 8)
-  // of the chunk).
-  const size_t first = (static_cast<size_t>(own ? tile : 0) * KC + c_begin);
-  const uint4* w_src = wt + first * 64 + lane;
-  const int8_t* s_src = st + first * 16 * SUB + lane * 16;
-  const int rot = FPX_ROTATE && chunks > 0 ? (blockIdx.x * 5) % chunks : 0;  // CTAs start at different chunks
-  auto load = [&](int i0, uint32_t stage, bool weights, bool acts) {
-    const int i = i0 + rot < chunks ? i0 + rot : i0 + rot - chunks;
-    const uint32_t base = ring_addr + stage;
-    if (weights && own) {
-      cp_async16_stream(base + L::W + (warp * 64 + lane) * 16, w_src + i * 64, policy);
-      cp_async16_stream(base + L::W + (warp * 64 + lane + 32) * 16, w_src + i * 64 + 32, policy);
-      if (lane < SUB) cp_async16(base + L::S + (warp * SUB + lane) * 16, s_src + i * 16 * SUB, 16);
-    }
-    if (acts)
-#pragma unroll
-      for (int r = 0; r < AV; ++r) {
-        const int v = threadIdx.x + THREADS * r, m = v >> 3, kk = (c_begin + i) * 128 + (v & 7) * 16;
-        if (m < M)  // zeros past K (K % 32 == 0: a vector is all in or all out)
-          cp_async16(base + L::A + m * A_STRIDE + (v & 7) * 16, a + static_cast<size_t>(m) * lda + (kk < K ? kk : 0),
-                     kk < K ? 16 : 0);
-      }
-  };
-
-  run_ring<S, L::BYTES>(chunks, load, [] { __syncthreads(); }, [&](uint32_t rd) {
-    const uint8_t* stage = smem + rd;
-    if (own) {
-      const uint4* wv = reinterpret_cast<const uint4*>(stage + L::W) + warp * 64;
-      mma_chunk<NT, SUB, true>(acc, acc, wv[lane], wv[lane + 32], stage + L::A,
-                               reinterpret_cast<const int8_t*>(stage + L::S) + warp * 16 * SUB, g, t, M);
-    }
-  });
-#pragma unroll
-  for (int j = 0; j < NT; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[j][i] *= 16384.f;
-  epilogue<NT>(acc, ep, tile, ntiles, g, t);
+  epilogue<NT>(acc, ep, wg == 0 ? tile : ntiles, ntiles, g, t);  // warpgroups > 0 only join its barriers
 }
 
 // One thread per 32 codes (one 16-byte vector of the layout) -> 32 E4M3 bytes of row n.
@@ -528,66 +491,62 @@ __global__ void weight_to_fp8_kernel(const uint4* __restrict__ wt, const int8_t*
     const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int kk = c * 128 + 32 * j + 8 * t;
-      if (kk >= K) break;
+      const int kk = c * 128 + 32 * j + 4 * t;
+      if (kk >= K) break;  // K % 32 == 0: a word's 32-code group is all in or all out
       const float scale = group_scale(st[(tc * 16 + g + 8 * h) * SUB + j * SUB / 4]);
-      uint32_t o[4];
-      decode(words[j], o);
-      uint32_t bytes[2] = {0, 0};
+      uint32_t e5[2];
+      decode(words[j], e5[0], e5[1]);
 #pragma unroll
-      for (int p = 0; p < 4; ++p) {
-        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&o[p]));
-        const uint32_t pair = __nv_cvt_float2_to_fp8x2(make_float2(f.x * scale, f.y * scale), __NV_SATFINITE, __NV_E4M3);
-        bytes[p >> 1] |= pair << (16 * (p & 1));
+      for (int u = 0; u < 2; ++u) {  // codes 0-3 at k = kk .. kk + 3, codes 4-7 at kk + 16 ..
+        uint32_t bytes = 0;
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+          const __half2_raw h2 = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(e5[u] >> (16 * p)), __NV_E5M2);
+          const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h2));
+          const uint32_t pair = __nv_cvt_float2_to_fp8x2(make_float2(f.x * scale, f.y * scale), __NV_SATFINITE, __NV_E4M3);
+          bytes |= pair << (16 * p);
+        }
+        *reinterpret_cast<uint32_t*>(out + static_cast<size_t>(n) * K + kk + 16 * u) = bytes;
       }
-      *reinterpret_cast<uint2*>(out + static_cast<size_t>(n) * K + kk) = make_uint2(bytes[0], bytes[1]);
     }
   }
 }
 
-// grid = (column blocks of `tiles` tiles, splits), `warps` warps per CTA; chunks_per_split =
-// ceil(kc / splits). pdl: may start before the previous kernel in the stream has finished
+// grid = (column blocks of 64 rows, splits / KW), KW warpgroups per CTA; chunks_per_split =
+// ceil(kc / (splits / KW)). pdl: may start before the previous kernel in the stream has finished
 // (programmatic dependent launch; the kernel waits for it before it reads the activations or
 // touches the workspace).
-template <typename... Args>
-cudaError_t launch(void (*kernel)(Args...), int tiles, int warps, int smem, const void* wt, const int8_t* st,
-                   const uint8_t* a, int k, int lda, int kc, int splits, const Epilogue& ep, int pdl,
-                   cudaStream_t stream) {
-  const int ntiles = (ep.N + 15) / 16;
+template <int NT, int SUB, int KW>
+cudaError_t launch(const void* wt, const int8_t* st, const uint8_t* a, int k, int lda, int kc, int splits,
+                   const Epilogue& ep, int pdl, cudaStream_t stream) {
+  const auto kernel = w4a8_gemm_kernel<NT, SUB, KW>;
+  const int smem = KW * FPX_STAGES * Stage<NT, SUB>::BYTES, ctas_y = splits / KW;
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
   cudaLaunchAttribute attr;
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = pdl != 0;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((ntiles + tiles - 1) / tiles, splits);
-  cfg.blockDim = dim3(warps * 32);
+  cfg.gridDim = dim3((ep.N + 16 * WG_TILES - 1) / (16 * WG_TILES), ctas_y);
+  cfg.blockDim = dim3(KW * WG_THREADS);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = &attr;
   cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, static_cast<const uint4*>(wt), st, a, k, lda, kc, (kc + splits - 1) / splits,
-                            ep);
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<const uint4*>(wt), st, a, k, lda, kc,
+                            (kc + ctas_y - 1) / ctas_y, ep);
 }
 
-// NT token tiles of 8: the few-token kernel up to NT = 2 (16 tokens), the wide kernel beyond. The
-// few-token kernel takes the K parts of `splits` within its CTAs as far as it can (KW = 4, 2 or 1
-// warps per tile, the largest that divides splits) and splits / KW over CTAs; the wide kernel
-// takes all of them over CTAs.
+// NT token tiles of 8. The K parts of `splits` go to warpgroups of one CTA as far as they can (KW =
+// 4 up to 16 tokens, else 2, or 1: the largest that divides splits), the rest (splits / KW) to CTAs.
 template <int NT>
 cudaError_t launch_nt(int sub, const void* wt, const int8_t* st, const uint8_t* a, int k, int lda, int kc, int splits,
                       const Epilogue& ep, int pdl, cudaStream_t stream) {
-#define FPX_FEW(SUB, KW)                                                                                         \
-  return launch(w4a8_gemm_kernel<NT, SUB, KW>, WARPS / KW, WARPS, WARPS * FPX_STAGES * Stage<1, NT, SUB>::BYTES, \
-                wt, st, a, k, lda, kc, splits / KW, ep, pdl, stream);
-#define FPX_LAUNCH(SUB)                                                                                          \
-  if constexpr (NT <= 2) {                                                                                       \
-    if (splits % 4 == 0) FPX_FEW(SUB, 4)                                                                         \
-    if (splits % 2 == 0) FPX_FEW(SUB, 2)                                                                         \
-    FPX_FEW(SUB, 1)                                                                                              \
-  } else                                                                                                         \
-    return launch(w4a8_gemm_wide_kernel<NT, SUB>, WIDE_WARPS, WIDE_WARPS,                                        \
-                  FPX_WIDE_STAGES * Stage<WIDE_WARPS, NT, SUB>::BYTES, wt, st, a, k, lda, kc, splits, ep, pdl, stream);
+#define FPX_LAUNCH(SUB)                                                                              \
+  if constexpr (NT <= 2)                                                                             \
+    if (splits % 4 == 0) return launch<NT, SUB, 4>(wt, st, a, k, lda, kc, splits, ep, pdl, stream); \
+  if (splits % 2 == 0) return launch<NT, SUB, 2>(wt, st, a, k, lda, kc, splits, ep, pdl, stream);   \
+  return launch<NT, SUB, 1>(wt, st, a, k, lda, kc, splits, ep, pdl, stream);
   switch (sub) {
     case 1: FPX_LAUNCH(1)
     case 2: FPX_LAUNCH(2)
@@ -595,7 +554,6 @@ cudaError_t launch_nt(int sub, const void* wt, const int8_t* st, const uint8_t* 
     default: return cudaErrorInvalidValue;
   }
 #undef FPX_LAUNCH
-#undef FPX_FEW
 }
 
 }  // namespace
@@ -609,14 +567,20 @@ extern "C" int fp_export_w4a8_gemm(const void* wt, const int8_t* st, const uint8
       (reinterpret_cast<uintptr_t>(a) % 16) || (reinterpret_cast<uintptr_t>(wt) % 16) ||
       (reinterpret_cast<uintptr_t>(st) % 16) || (splits > 1 && (ws == nullptr || counters == nullptr)))
     return cudaErrorInvalidValue;
-  const Epilogue ep{a_scale, w_scale, bias, lorc_t, lorc_u, lorc_rank, out, out_bf16, ws, counters, m, n, ldo};
-  cudaError_t e;
-  if (m <= 8) e = launch_nt<1>(sub, wt, st, a, k, lda, kc, splits, ep, pdl, stream);
-  else if (m <= 16) e = launch_nt<2>(sub, wt, st, a, k, lda, kc, splits, ep, pdl, stream);
-  else if (m <= 32) e = launch_nt<4>(sub, wt, st, a, k, lda, kc, splits, ep, pdl, stream);
-  else if (m <= 64) e = launch_nt<8>(sub, wt, st, a, k, lda, kc, splits, ep, pdl, stream);
-  else e = launch_nt<16>(sub, wt, st, a, k, lda, kc, splits, ep, pdl, stream);
-  return static_cast<int>(e);
+  for (int m0 = 0; m0 < m; m0 += MAX_M) {  // 64 tokens per launch
+    const int mb = std::min(MAX_M, m - m0);
+    uint8_t* o = static_cast<uint8_t*>(out) + static_cast<size_t>(m0) * ldo * (out_bf16 ? 2 : 4);
+    const Epilogue ep{a_scale + m0, w_scale, bias, lorc_rank > 0 ? lorc_t + static_cast<size_t>(m0) * lorc_rank : lorc_t,
+                      lorc_u, lorc_rank, o, out_bf16, ws, counters, mb, n, ldo};
+    const uint8_t* am = a + static_cast<size_t>(m0) * lda;
+    cudaError_t e;
+    if (mb <= 8) e = launch_nt<1>(sub, wt, st, am, k, lda, kc, splits, ep, pdl, stream);
+    else if (mb <= 16) e = launch_nt<2>(sub, wt, st, am, k, lda, kc, splits, ep, pdl, stream);
+    else if (mb <= 32) e = launch_nt<4>(sub, wt, st, am, k, lda, kc, splits, ep, pdl, stream);
+    else e = launch_nt<8>(sub, wt, st, am, k, lda, kc, splits, ep, pdl, stream);
+    if (e != cudaSuccess) return static_cast<int>(e);
+  }
+  return static_cast<int>(cudaSuccess);
 }
 
 extern "C" int fp_export_w4a8_weight_to_fp8(const void* wt, const int8_t* st, uint8_t* out, int n, int k, int kc,

@@ -1,6 +1,6 @@
-// fp-export: W4A8 GEMM for few tokens (FP4 shift-cast weights x FP8 E4M3 activations on
-// mma.sync m16n8k16, FP16 inputs) and the FP4 -> FP8 cast of its weight layout. C API (ctypes); the layout
-// and the semantics are documented in fp_export/runtime/w4a8_gemm.py.
+// fp-export: W4A8 GEMM for up to 128 tokens (FP4 shift-cast weights decoded to E5M2 x FP8 E4M3
+// activations on Hopper's FP8 wgmma; sm_90a) and the FP4 -> FP8 cast of its weight layout. C API
+// (ctypes); the layout and the semantics are documented in fp_export/runtime/w4a8_gemm.py.
 #pragma once
 #include <cuda_runtime_api.h>
 #include <stdint.h>
@@ -12,10 +12,10 @@ extern "C" {
 // out[m, n] = (acc[m, n] * a_scale[m] * w_scale[n]) + a_scale[m] * lorc(m, n) (+ bias[n]),
 // acc = sum_k a[m, k] * e4m3(w[n, k]); lorc(m, n) = sum_r lorc_t[m, r] * lorc_u[n, r] when
 // lorc_rank > 0. wt: uint8 [tiles, kc, 2, 32, 16]; st: int8 [tiles, kc, 16, sub] (both 16-byte aligned); a: E4M3 bits
-// [m, lda]; out: float32 (out_bf16 = 0) or bfloat16 [m, ldo]. splits: K parts (m <= 16: up to 4 of
-// them within a CTA, the rest over CTAs); splits > 1 needs ws (float32, splits * m * tiles * 16) and
-// counters (int32, >= tiles, all zero; left zero).
-// m <= 128. pdl != 0: programmatic dependent launch (the kernel may start before the previous
+// [m, lda]; out: float32 (out_bf16 = 0) or bfloat16 [m, ldo]. splits: K parts (up to 4 of them within
+// a CTA for m <= 16, up to 2 beyond; the rest over CTAs); splits > 1 needs ws (float32,
+// splits * m * tiles * 16) and counters (int32, >= tiles / 4, all zero; left zero).
+// m <= 128 (one launch per 64 tokens). pdl != 0: programmatic dependent launch (the kernel may start before the previous
 // kernel in the stream has finished; it reads its weights early and waits before anything else).
 // Returns a cudaError_t value.
 int fp_export_w4a8_gemm(const void* wt, const int8_t* st, const uint8_t* a, const float* a_scale,

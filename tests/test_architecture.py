@@ -90,44 +90,34 @@ def test_cuda_and_triton_tables_match_the_op():
     assert f"add.u32 tlo, x, {lo}" in triton and f"add.u32 thi, x, {hi}" in triton
 
 
-def test_w4a8_layout_bits_are_the_kernels_decode():
-    """``w4a8_gemm.MAG_AT``/``SIGN_AT`` (the layout ``prepare`` writes) against the shifts of the
-    CUDA ``decode``: pair p's codes land on FP16 bits 9-11 / 15 and 25-27 / 31 of its register."""
-    from fp_export.runtime.w4a8_gemm import MAG_AT, SIGN_AT
+def test_w4a8_layout_is_the_kernels_wgmma_fragment():
+    """The CUDA ``decode`` (its two lines, emulated here) turns the layout words ``prepare`` writes into
+    E5M2 bytes (checked with torch.float8_e5m2) equal to each code's E2M1 value times 2^-14, in
+    wgmma's register fragment order: lane 4g + t, step j, registers (row g, k 4t + i), (row g + 8,
+    k 4t + i), (row g, k 16 + 4t + i), (row g + 8, k 16 + 4t + i) of the step's 32 codes; and
+    ``group_scale`` builds 2^(14 + shift) as float bits. Every code pair a byte can hold occurs."""
+    import torch
+
+    from fp_export.numerics.formats import FP4_E2M1, decode, pack_nibbles
+    from fp_export.runtime import w4a8_gemm as W
 
     src = (ROOT / "plugins" / "w4a8_gemm.cu").read_text()
-    assert "MAG = 0x0E000E00u, SIGN = 0x80008000u" in src
-    lines = re.findall(r"^\s+o\[(\d)\] = (.*);$", src, re.M)
-    assert [int(i) for i, _ in lines] == [0, 1, 2, 3]
-    for p, (_, expr) in enumerate(lines):
-        if m := re.fullmatch(r"\(?w(?: << (\d+)\))? & \(MAG \| SIGN\)", expr):
-            a = b = int(m.group(1) or 0)
-        else:
-            m = re.fullmatch(r"\(\(w << (\d+)\) & MAG\) \| \(\(w << (\d+)\) & SIGN\)", expr)
-            a, b = int(m.group(1)), int(m.group(2))
-        assert (MAG_AT[2 * p], MAG_AT[2 * p + 1], SIGN_AT[2 * p], SIGN_AT[2 * p + 1]) == (9 - a, 25 - a, 15 - b, 31 - b)
-    assert sorted([b for m in MAG_AT for b in range(m, m + 3)] + list(SIGN_AT)) == list(range(32))
-
-
-def test_wide_kernel_weight_scaling_is_exact_and_tiles_agree():
-    """The wide W4A8 kernel multiplies each decoded FP16 weight (value * 2^-14) by the FP16 2^shift
-    it builds as bits (shift + 15) << 10: exact for every code and legal shift (numpy's float16
-    multiply rounds to nearest even, as mul.rn.f16x2); and the Python split rule's tiles per CTA
-    are the kernel's."""
-    import numpy as np
-
-    from fp_export.numerics.fp4_to_fp8 import SHIFT_MAX, SHIFT_MIN
-    from fp_export.runtime.w4a8_gemm import WIDE_TILES
-
-    src = (ROOT / "plugins" / "w4a8_gemm.cu").read_text()
-    assert "const uint32_t h = static_cast<uint32_t>(shift + 15) << 10;" in src
-    assert re.search(r"#define FPX_WIDE_WARPS (\d+)", src).group(1) == str(WIDE_TILES)
-    codes = np.arange(16, dtype=np.uint16)
-    w = (((codes & 7) << 9) | ((codes >> 3) << 15)).view(np.float16)
-    for shift in range(SHIFT_MIN, SHIFT_MAX + 1):
-        s = np.array([(shift + 15) << 10], dtype=np.uint16).view(np.float16)
-        assert s[0] == 2.0**shift
-        assert np.array_equal((w * s).astype(np.float64), w.astype(np.float64) * 2.0**shift), shift
+    assert "lo = w & 0x8E8E8E8Eu;" in src and "hi = ((w >> 3) & 0x0E0E0E0Eu) | ((w << 7) & 0x80808080u);" in src
+    assert "return __int_as_float((shift + 141) << 23);" in src
+    n, k = 32, 512
+    codes = torch.arange(n * k, dtype=torch.int64).view(n, k)
+    codes = ((codes * 7 + codes // 16 * 3) % 16).to(torch.uint8)  # all 256 (code, code + 16 k) pairs
+    w = W.prepare(pack_nibbles(codes), torch.zeros(n, k // 128, dtype=torch.int8), 128, torch.ones(n))
+    words = w.wt.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # [T, c, h, lane, j]
+    lo = words & 0x8E8E8E8E
+    hi = ((words >> 3) & 0x0E0E0E0E) | ((words << 7) & 0x80808080)
+    as_e5m2 = lambda x: (x.to(torch.int32).view(-1, 1) >> torch.tensor([0, 8, 16, 24]) & 255).to(torch.uint8)  # noqa: E731
+    got = torch.stack([as_e5m2(x).view(torch.float8_e5m2).float().view(*x.shape, 4) for x in (lo, hi)], 5)
+    got = got * 2.0**14  # [T, c, h, g * 4 + t, j, lo/hi, i]
+    got = got.view(n // 16, k // 128, 2, 8, 4, 4, 2, 4).permute(0, 2, 3, 1, 5, 6, 4, 7).reshape(n, k)
+    assert torch.equal(got, decode(codes, FP4_E2M1))
+    for shift in range(-5, 7):
+        assert torch.tensor((shift + 141) << 23, dtype=torch.int32).view(torch.float32).item() == 2.0 ** (14 + shift)
 
 
 def test_fp16_placement_is_the_fp4_value_times_2_pow_minus_14():

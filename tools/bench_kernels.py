@@ -1,14 +1,14 @@
 """GEMM benchmark of the W4A8 path on a CUDA GPU (writes benchmarks/kernels.json + kernels.md).
 
 Shapes: K = N in {4096, 8192} and the LLaMA-2-7B / LLaMA-2-70B linear shapes with q/k/v and
-gate/up fused as the decode engine runs them; M in {1, 4, 16, 64, 128, 1024, 4096}. Per point:
+gate/up fused as the decode engine runs them; M in {1, 4, 16, 32, 64, 128, 1024, 4096}. Per point:
 - BF16: cuBLAS (torch.matmul) on bf16 weights;
 - FP8: ``torch._scaled_mm`` on E4M3 weights with per-token / per-channel scales (W8A8);
 - W4A8: ``fp_export.runtime.w4a8_gemm.gemm`` on the packed FP4 weights ("auto", ``auto_path``:
-  the mma.sync kernels up to ``MMA_M`` tokens (``MMA_M_WIDE_N`` for N >= ``WIDE_N``), FP4 -> FP8
-  cast into a workspace + ``_scaled_mm`` beyond);
-- W4A8 keep-FP8 (M > ``MMA_M``): the same with the FP8 copy kept (no per-call cast);
-- W4A8 mma (``MMA_M`` < M <= ``MMA_MAX_M``): the mma.sync path forced, the evidence for the rule.
+  the wgmma kernel up to ``MMA_M`` tokens, FP4 -> FP8 cast into a workspace + ``_scaled_mm``
+  beyond);
+- W4A8 keep-FP8 (M > ``MMA_M_KEPT``): the same with the FP8 copy kept (no per-call cast);
+- W4A8 mma (``MMA_M_KEPT`` < M <= ``MMA_MAX_M``): the wgmma kernel forced, the evidence for the rule.
 All take already-quantized FP8 activations (the quantizer is fused into the producing kernel in
 the engine). Every call is timed inside a CUDA graph of 20 calls (no Python launch overhead, as in
 the engine), weights rotating over enough copies that no call finds its weights in L2; median of
@@ -32,7 +32,7 @@ from fp_export.runtime import w4a8_gemm as W  # noqa: E402
 from fp_export.runtime.fused_quant import quantize_rows  # noqa: E402
 
 GROUP = 256
-MS = (1, 4, 16, 64, 128, 1024, 4096)
+MS = (1, 4, 16, 32, 64, 128, 1024, 4096)
 SHAPES = {  # name: (N, K)
     "K=N=4096": (4096, 4096), "K=N=8192": (8192, 8192),
     "7B qkv": (12288, 4096), "7B gate_up": (22016, 4096), "7B down": (4096, 11008),
@@ -62,9 +62,9 @@ def bench_shape(name, n, k, dev, copy_tbps):
                                                                       out_dtype=torch.bfloat16) for w, s in zip(w8, w4)], **kw)
         W.gemm(xq, xs, w4[0])  # sizes the workspaces before capture
         res["w4a8"] = graph_time_us([lambda w=w: W.gemm(xq, xs, w) for w in w4], **kw)
-        if W.MMA_M < m <= W.MMA_MAX_M:
+        if W.MMA_M_KEPT < m <= W.MMA_MAX_M:
             res["w4a8_mma"] = graph_time_us([lambda w=w: W.gemm(xq, xs, w, path="mma") for w in w4], **kw)
-        if m > W.MMA_M:
+        if m > W.MMA_M_KEPT:
             kept = [W.W4A8Weight(w.wt, w.st, w.w_scale, w.n, w.k, w.sub, fp8=f) for w, f in zip(w4, w8)]
             res["w4a8_keep_fp8"] = graph_time_us([lambda w=w: W.gemm(xq, xs, w) for w in kept], **kw)
         wbytes = n * k // 2 + n * (k // GROUP)
@@ -93,9 +93,9 @@ def markdown(res):
     lines = [f"# W4A8 GEMM benchmark on {res['device']}", "",
              f"torch {res['torch']}; measured device-to-device copy bandwidth {res['copy_TBps']:.2f} TB/s (read + write). "
              "Times in us per call, each call timed inside a CUDA graph, weights L2-cold; median of 3 runs. "
-             f"W4A8 = FP4 shift-cast weights (group {GROUP}) x FP8 activations: the mma.sync kernels for M <= {W.MMA_M} "
-             f"({W.MMA_M_WIDE_N} for N >= {W.WIDE_N}), cast + _scaled_mm beyond; keep-FP8 = the FP8 copy kept; mma = the mma.sync path forced "
-             f"(up to {W.MMA_MAX_M} tokens).", "",
+             f"W4A8 = FP4 shift-cast weights (group {GROUP}) x FP8 activations: the wgmma kernel for M <= {W.MMA_M}, "
+             f"cast + _scaled_mm beyond; keep-FP8 = the FP8 copy kept (the wgmma kernel up to {W.MMA_M_KEPT} tokens, "
+             f"_scaled_mm beyond); mma = the wgmma kernel forced (up to {W.MMA_MAX_M} tokens).", "",
              "| shape | M | BF16 | FP8 | W4A8 | W4A8 keep-FP8 | W4A8 mma | vs BF16 | vs FP8 | W4A8 GB/s | % copy BW | spread |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["gemm"]:

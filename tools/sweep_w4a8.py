@@ -1,22 +1,21 @@
-"""Offline tuning of the W4A8 mma.sync kernels (``plugins/w4a8_gemm.cu``, issue 10) on one GPU.
+"""Offline tuning of the W4A8 wgmma kernel (``plugins/w4a8_gemm.cu``, issue 10) on one GPU.
 
 Builds the kernel once per variant of its tuning macros, and ``--previous``, another version of the
-source (the kernel being replaced), in parallel, then times each variant in its own process: M in
-``--ms`` on the decode shapes (or ``--shapes``), over split-K counts around the committed rule
-(``w4a8_gemm.default_splits``; or ``--splits``), weights L2-cold (rotated copies), each call inside a
-CUDA graph, median of 3 runs (``tools/bench_common.py``). ``--kernel``:
-- ``few`` (M <= 16): ``FPX_STAGES`` (128-wide K chunks in flight per warp) x ``FPX_ROTATE`` (each
-  warp starts at a different chunk of its K range); M 1, 4, 16 by default;
-- ``wide`` (17-128 tokens): ``FPX_WIDE_WARPS`` (16-row tiles per CTA) x ``FPX_WIDE_STAGES``; M 32,
-  64, 128 by default, split counts 1-8 around the rule, and FP8 ``_scaled_mm`` (W8A8) timed in the
-  committed build's process as the baseline.
-``--vary MACRO=V1,V2`` (repeatable) sweeps other macro values instead of the kernel's default set.
+source with the same C API and weight layout, in parallel, then times each variant in its own
+process: M in ``--ms`` on the decode shapes (or ``--shapes``), over split-K counts around the
+committed rule (``w4a8_gemm.default_splits``; or ``--splits``), weights L2-cold (rotated copies),
+each call inside a CUDA graph, median of 3 runs (``tools/bench_common.py``). ``--kernel`` names the
+token range:
+- ``few`` (M <= 16): ``FPX_STAGES`` (128-wide K chunks per warpgroup ring) x ``FPX_ROTATE`` (each
+  warpgroup starts at a different chunk of its K range); M 1, 4, 16 by default;
+- ``wide`` (17-128 tokens): ``FPX_STAGES``; M 32, 64, 128 by default, split counts 1-8 around the
+  rule, and FP8 ``_scaled_mm`` (W8A8) timed in the committed build's process as the baseline.
+``--vary MACRO=V1,V2`` (repeatable) sweeps other macro values instead of the default set.
 The committed build is also timed with programmatic dependent launch off (``FP_EXPORT_PDL=0``).
 Writes ``<out>/w4a8_config[_wide].json`` and ``.md``: per variant and shape the best split count and
-its time, against the committed build in the same run (benchmarks/w4a8_config_n.* is the
-``--shapes "7B gate_up,70B gate_up,70B qkv"`` run, renamed).
+its time, against the committed build in the same run.
 
-    PYTHONPATH=$PWD python tools/sweep_w4a8.py --out benchmarks [--kernel wide] [--vary FPX_STAGES=3,4]
+    PYTHONPATH=$PWD python tools/sweep_w4a8.py --out benchmarks [--kernel wide] [--vary FPX_STAGES=4,6]
         [--splits 1,2,4] [--shapes "70B qkv,70B gate_up"]
 """
 
@@ -35,8 +34,8 @@ SHAPES = {"K=N=8192": (8192, 8192), "7B qkv": (12288, 4096), "7B o": (4096, 4096
           "7B down": (4096, 11008), "70B down": (8192, 28672)}
 MORE_SHAPES = {"70B qkv": (10240, 8192), "70B gate_up": (57344, 8192)}  # with --shapes
 VARIANTS = {  # kernel: (macro, values) pairs swept as a product
-    "few": (("FPX_STAGES", (2, 3, 4, 6)), ("FPX_ROTATE", (0, 1))),
-    "wide": (("FPX_WIDE_WARPS", (4, 8)), ("FPX_WIDE_STAGES", (3, 4, 6))),
+    "few": (("FPX_STAGES", (4, 6, 8)), ("FPX_ROTATE", (0, 1))),
+    "wide": (("FPX_STAGES", (4, 6, 8)),),
 }
 DEFAULT_MS = {"few": "1,4,16", "wide": "32,64,128"}
 

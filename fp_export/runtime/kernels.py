@@ -20,7 +20,7 @@ from fp_export.numerics.fp4_to_fp8 import fp4_to_fp8 as fp4_to_fp8_reference
 
 PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 LIB_NAME = "libfp_export_kernels.so"
-NVCC_FLAGS = ["-O3", "-gencode=arch=compute_90,code=sm_90", "-Xcompiler", "-fPIC", "-shared"]
+NVCC_FLAGS = ["-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC", "-shared"]
 
 
 class KernelUnavailable(RuntimeError):
@@ -30,7 +30,7 @@ class KernelUnavailable(RuntimeError):
 def compile_cuda(source: str | Path, lib_name: str, out_dir: Path, error: type[Exception],
                  defines: dict[str, int] | None = None) -> Path:
     """Compile ``plugins/<source>`` (or the file ``source``, with plugins/ on the include path) into
-    ``out_dir/<lib_name>`` with nvcc (sm_90) and ``-D`` of ``defines``, written under a per-process
+    ``out_dir/<lib_name>`` with nvcc (sm_90a) and ``-D`` of ``defines``, written under a per-process
     temporary name and renamed (concurrent builds never load a half-written library). Raises
     ``error`` when nvcc is missing."""
     nvcc = shutil.which("nvcc")

@@ -7,17 +7,17 @@ a: float8_e4m3fn [M, K] (the token-quantized activations on the unit grid), a_sc
 w_scale float32 [N] (``dq_scale`` of ``QuantizedWeight.to_shift_cast()``),
 t = a @ lorc_v^T float32 [M, r] and u = lorc_u [N, r] the optional LoRC factors, bias float32 [N].
 
-Two paths, chosen by the number of tokens M (fixed rules, no run-time tuning):
-- M <= ``MMA_M`` (64 for N >= 8192, 16 with a kept FP8 copy; ``auto_path``; decode, small
-  batches): ``plugins/w4a8_gemm.cu``,
-  mma.sync m16n8k16 (FP16 inputs, FP32 accumulation; sm_90 has no FP8 mma.sync) with the weights
-  as the 16-row MMA side, the 4-bit weights streamed once through shared memory with cp.async
-  (evict-first) and decoded to FP16 by a shift and a mask per code pair; K split into ``splits``
-  parts with a deterministic reduction. Up to 16 tokens each warp has its own pipeline (the
-  few-token kernel), and up to 4 warps of a CTA share a tile, each taking a part of K, their sums
-  added in shared memory; parts beyond that go to other CTAs and a workspace. From 17 to 128 tokens
-  the warps of a CTA share one pipeline, so each chunk of activations is copied once per CTA (the
-  wide kernel, ``WIDE_TILES`` tiles per CTA), and the parts of K go to CTAs.
+Two paths, chosen by the number of tokens M (fixed rules, no run-time tuning; ``auto_path``):
+- M <= ``MMA_M`` (``MMA_M_KEPT`` with a kept FP8 copy; decode, small batches): ``plugins/w4a8_gemm.cu``,
+  FP8 tensor cores through wgmma (m64nNk32, E5M2 x E4M3, FP32 accumulators) with the weights as
+  wgmma's 64-row side in registers: each warp decodes its 16 rows' FP4 codes to E5M2 with one mask
+  or two shifts and masks per four codes, the activations are read from shared memory as they were
+  quantized. The 4-bit weights stream once through shared memory with cp.async (evict-first); K is
+  split into ``splits`` parts (``default_splits``): two go to the two warpgroups of a CTA, whose sums
+  are added in shared memory, more to other CTAs and a workspace; every reduction has a fixed order.
+  Each 32-code group's sum starts at zero and is scaled into FP32 accumulators: Hopper's FP8 wgmma
+  truncates its fused sums to 13 bits below their largest term, so the result's relative error is
+  about 1e-4 (that of cuBLASLt FP8 GEMMs), not FP32's.
 - otherwise (prefill): the weights are cast to FP8 once per call (``weight_to_fp8``, the same
   decode) into a shared workspace, or taken from a kept FP8 copy, and multiplied with
   ``torch._scaled_mm`` (cuBLASLt, FP8 wgmma).
@@ -25,12 +25,15 @@ Two paths, chosen by the number of tokens M (fixed rules, no run-time tuning):
 Layout (``prepare``, pure torch, so it is tested on the CPU): the weight rows are padded to a
 multiple of 16 and K to a multiple of 128 with zero codes; for 16-row tile T and 128-wide chunk c,
 ``wt[T, c, h, 4g + t]`` holds 16 bytes, four little-endian 32-bit words, of row 16T + 8h + g: word j
-holds the 8 codes k = 128c + 32j + 8t + i, i = 0..7, code i's magnitude bits (e1 e0 m) at bit
-``MAG_AT[i]`` and its sign at bit ``SIGN_AT[i]`` (the kernel's ``decode``: code pairs (0,1), (2,3),
-(4,5), (6,7) become FP16x2 registers s << 15 | (e1 e0 m) << 9, the code's value times 2^-14, with
-shifts of 0, 3, 6 and 9 bits). Shifts are expanded to 32-code granularity and stored per
-(tile, chunk) as ``st[T, c, r, 0:sub]`` (sub = 1, 2 or 4 shifts per row and chunk: the fewest that
-represent the groups). Needs K % 32 == 0 and group_size % 32 == 0 (a partial last group is fine).
+(wgmma step j of the chunk) holds codes i = 0..3 at k = 128c + 32j + 4t + i and codes i = 4..7 at
+k = 128c + 32j + 16 + 4t + (i - 4), the lane's part of wgmma's register fragment; code i's
+magnitude bits (e1 e0 m) at bit ``MAG_AT[i]`` and its sign at bit ``SIGN_AT[i]``, so that byte i
+holds codes i and i + 4 and the kernel's ``decode`` turns a word into two registers of E5M2 bytes
+s << 7 | (e1 e0 m) << 1, the codes' values times 2^-14 (tests/test_architecture.py checks the
+emulated decode against torch.float8_e5m2). Shifts are expanded to 32-code granularity and stored
+per (tile, chunk) as ``st[T, c, r, 0:sub]`` (sub = 1, 2 or 4 shifts per row and chunk: the fewest
+that represent the groups). Needs K % 32 == 0 and group_size % 32 == 0 (a partial last group is
+fine).
 """
 
 from __future__ import annotations
@@ -50,13 +53,12 @@ from fp_export.runtime import pdl
 from fp_export.runtime.kernels import PLUGINS, compile_cuda
 
 LIB_NAME = "libfp_export_w4a8.so"
-MMA_MAX_M = 128  # the mma.sync kernels take up to this many tokens
-MMA_M = 32  # "auto": the mma.sync kernels up to this many tokens (16 with a kept FP8 copy); H100: benchmarks/kernels.json
-MMA_M_WIDE_N, WIDE_N = 64, 8192  # ... and up to MMA_M_WIDE_N tokens for N >= WIDE_N
+MMA_MAX_M = 128  # the wgmma kernel takes up to this many tokens (one launch per 64)
+MMA_M = 64  # "auto": the wgmma kernel up to this many tokens; H100: benchmarks/kernels.json, w4a8_config_wide.json
+MMA_M_KEPT = 32  # ... and up to this many when the weight keeps an FP8 copy
 TILE_N, CHUNK_K = 16, 128
-WIDE_TILES = 4  # 16-row tiles per CTA of the wide kernel (FPX_WIDE_WARPS in plugins/w4a8_gemm.cu)
-MAG_AT = (9, 25, 6, 22, 3, 19, 0, 16)  # bit of code i's 3 magnitude bits in its layout word
-SIGN_AT = (15, 31, 12, 28, 14, 30, 13, 29)  # bit of code i's sign
+MAG_AT = (1, 9, 17, 25, 4, 12, 20, 28)  # lowest bit of code i's 3 magnitude bits in its layout word
+SIGN_AT = (7, 15, 23, 31, 0, 8, 16, 24)  # bit of code i's sign
 
 
 class W4A8Unavailable(RuntimeError):
@@ -117,8 +119,8 @@ def prepare(packed: torch.Tensor, shift: torch.Tensor, group_size: int, w_scale:
     np_, kp = tiles * TILE_N, kc * CHUNK_K
     p = torch.zeros(np_, kp // 2, dtype=torch.uint8, device=packed.device)
     p[:n, : k // 2] = packed
-    codes = unpack_nibbles(p).view(tiles, 2, 8, kc, 4, 4, 8).to(torch.int64)
-    codes = codes.permute(0, 3, 1, 2, 5, 4, 6)  # [T, c, h, g, t, j, i]
+    codes = unpack_nibbles(p).view(tiles, 2, 8, kc, 4, 2, 4, 4).to(torch.int64)  # [T, h, g, c, j, u, t, i]
+    codes = codes.permute(0, 3, 1, 2, 6, 4, 5, 7).reshape(tiles, kc, 2, 8, 4, 4, 8)  # [T, c, h, g, t, j, 4u + i]
     mag_at = torch.tensor(MAG_AT, device=packed.device)
     sign_at = torch.tensor(SIGN_AT, device=packed.device)
     words = (((codes & 7) << mag_at) | ((codes >> 3) << sign_at)).sum(-1)  # disjoint bits: sum = or
@@ -144,8 +146,9 @@ def unprepare(w: W4A8Weight) -> tuple[torch.Tensor, torch.Tensor]:
     words = w.wt.contiguous().view(torch.int32).view(tiles, kc, 2, 8, 4, 4, 1).to(torch.int64) & 0xFFFFFFFF
     mag_at = torch.tensor(MAG_AT, device=w.wt.device)
     sign_at = torch.tensor(SIGN_AT, device=w.wt.device)
-    codes = ((words >> mag_at) & 7) | (((words >> sign_at) & 1) << 3)  # [T, c, h, g, t, j, i]
-    codes = codes.permute(0, 2, 3, 1, 5, 4, 6).reshape(tiles * TILE_N, kc * CHUNK_K).to(torch.uint8)
+    codes = ((words >> mag_at) & 7) | (((words >> sign_at) & 1) << 3)  # [T, c, h, g, t, j, 4u + i]
+    codes = codes.view(tiles, kc, 2, 8, 4, 4, 2, 4).permute(0, 2, 3, 1, 5, 6, 4, 7)  # [T, h, g, c, j, u, t, i]
+    codes = codes.reshape(tiles * TILE_N, kc * CHUNK_K).to(torch.uint8)
     p = pack_nibbles(codes)[: w.n, : w.k // 2]
     s = w.st.permute(0, 2, 1, 3).reshape(tiles * TILE_N, kc, w.sub)
     s32 = s.repeat_interleave(4 // w.sub, dim=2).reshape(tiles * TILE_N, kc * 4)[: w.n, : w.k // 32]
@@ -228,39 +231,24 @@ def workspace(device: torch.device) -> _Workspace:
 
 
 def default_splits(m: int, n: int, k: int, sms: int = 132) -> int:
-    """K parts of the mma.sync kernels, at least ``MIN_CHUNKS`` 128-wide K chunks each.
-
-    Few-token kernel (M <= 16; ``FEW_WARPS`` warps per CTA; up to 4 parts are taken within a CTA:
-    4 / splits tiles of 16 rows per CTA, splits warps per tile):
-    - a grid already full at 1 part (about ``CTAS_PER_SM`` CTAs per multiprocessor or more): 4
-      parts, the shortest CTAs, so the last ones to start end soonest;
-    - otherwise the 2 or 4 parts that fill the grid, whichever spreads the CTAs more evenly over the
-      multiprocessors (the fewer parts within 2%);
-    - more parts (over CTAs, with a workspace reduction) only while 4 leave multiprocessors idle.
-    Wide kernel: about ``CTAS_PER_SM`` CTAs per multiprocessor. Fixed rule, fitted to the H100
-    sweeps of benchmarks/w4a8_config.json, w4a8_config_n.json and w4a8_config_wide.json (L2-cold
-    weights)."""
+    """K parts of the wgmma kernel: the most of 1, 2 and 4 (1 and 2 beyond 16 tokens) that keep the
+    warpgroups (64 rows and one part each) within ``WG_PER_SM`` (``WG_PER_SM_WIDE``) per
+    multiprocessor, at least ``MIN_CHUNKS`` 128-wide K chunks each. Two parts go to the two
+    warpgroups of one CTA, four to two CTAs of two (a workspace reduction). Fixed rule, fitted to the
+    H100 sweeps of benchmarks/w4a8_config.json (M = 1, 4, 16: 7B gate_up's 344 blocks of 64 rows best
+    at 1 part, 7B qkv's 192 at 2, K=N=8192's 128 and 7B o's 64 at 4; 8 parts slower on every shape)
+    and w4a8_config_wide.json (M = 32, 64, 128: 4 parts slower on every shape, 7B qkv best at 1)."""
     kc = -(-k // CHUNK_K)
-    if m <= 16:
-        ctas = -(-n // (TILE_N * FEW_WARPS))  # at splits = 1
-        full = FULL * CTAS_PER_SM * sms
-        if ctas >= full:
-            splits = FEW_WARPS
-        else:
-            fill = [s for s in (2, FEW_WARPS) if ctas * s >= full] or [FEW_WARPS]
-            uneven = {s: -(-ctas * s // sms) * sms / (ctas * s) for s in fill}  # busiest SM's CTAs / mean
-            splits = min(s for s in fill if uneven[s] <= 1.02 * min(uneven.values()))
-        while splits < 64 and ctas * splits < sms:
-            splits *= 2
-    else:
-        splits = max(1, CTAS_PER_SM * sms // -(-n // (TILE_N * WIDE_TILES)))
-    return max(1, min(splits, kc // MIN_CHUNKS if kc >= MIN_CHUNKS else 1, 64))
+    blocks = -(-n // ROWS)
+    splits, limit = (4, WG_PER_SM) if m <= 16 else (2, WG_PER_SM_WIDE)
+    while splits > 1 and blocks * splits > limit * sms:
+        splits //= 2
+    return max(1, min(splits, kc // MIN_CHUNKS if kc >= MIN_CHUNKS else 1))
 
 
-CTAS_PER_SM = 2
-FULL = 0.95  # a grid within 5% of CTAS_PER_SM CTAs per multiprocessor counts as full (128 x 2 on 132)
+WG_PER_SM, WG_PER_SM_WIDE = 4, 2
 MIN_CHUNKS = 4
-FEW_WARPS = 4  # warps per CTA of the few-token kernel (WARPS in plugins/w4a8_gemm.cu)
+ROWS = 64  # weight rows per CTA (wgmma's M; WG_TILES 16-row tiles in plugins/w4a8_gemm.cu)
 
 
 def weight_to_fp8(w: W4A8Weight, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -279,15 +267,12 @@ def weight_to_fp8(w: W4A8Weight, out: torch.Tensor | None = None) -> torch.Tenso
 
 
 def auto_path(m: int, n: int, kept_fp8: bool) -> str:
-    """The "auto" path for M tokens and N output channels: "mma" or "scaled_mm". H100 (benchmarks/
-    kernels.json, L2-cold weights): the few-token kernel beats ``_scaled_mm`` up to 16 tokens even
-    on a kept FP8 copy; the wide kernel beats the per-call FP4 -> FP8 cast up to 32 tokens, and up to
-    64 for N >= 8192 (5 of the 6 such shapes at 64 tokens: 1.05-1.59x; 70B qkv 0.98x)."""
-    if m <= 16:
-        return "mma"
-    if kept_fp8:
-        return "scaled_mm"
-    return "mma" if m <= MMA_M or (m <= MMA_M_WIDE_N and n >= WIDE_N) else "scaled_mm"
+    """The "auto" path for M tokens and N output channels: "mma" (the wgmma kernel) or "scaled_mm".
+    H100 (benchmarks/kernels.json and w4a8_config_wide.json, L2-cold weights): the wgmma kernel is
+    at least as fast as FP8 ``_scaled_mm`` up to 32 tokens even on a kept FP8 copy (7B qkv about
+    equal, the other decode shapes 1.1-1.3x), and faster than the per-call FP4 -> FP8 cast up to 64;
+    at 128 tokens (two launches) the cast is faster."""
+    return "mma" if m <= (MMA_M_KEPT if kept_fp8 else MMA_M) else "scaled_mm"
 
 
 def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, out_dtype: torch.dtype = torch.bfloat16,
