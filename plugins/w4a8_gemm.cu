@@ -319,11 +319,12 @@ __device__ __forceinline__ void epilogue(float (&acc)[NT][4], const Epilogue& p,
 
 // The CTA's KW warpgroups take its 64 rows (one 16-row tile per warp) and 1/KW of its K range each;
 // each warpgroup streams its chunks through its own ring of FPX_STAGES stages (one warpgroup barrier
-// per chunk). Per chunk a thread decodes its 32 codes into four wgmma fragments (two sets of
+// per chunk). Per chunk a thread decodes its 64 codes into four wgmma fragments (two sets of
 // registers, alternating between chunks, so that a chunk is decoded while the previous one's wgmmas
-// run); per 32-code group one wgmma group into a zeroed partial sum (two, alternating), promoted to
-// the FP32 accumulators with the group's scale once the next group has been issued. The KW sums
-// are added in shared memory, in warpgroup order, at the end.
+// run), then waits for those wgmmas, adds the previous chunk's group sums times their scales to the
+// FP32 accumulators, and issues the chunk's wgmmas: each 32-code group's sum starts from zero (the
+// zeroing wgmma) in registers of its own. The KW sums are added in shared memory, in warpgroup
+// order, at the end.
 template <int NT, int SUB, int KW>
 __global__ void __launch_bounds__(KW * WG_THREADS, NT <= 2 ? 4 / KW : 1) w4a8_gemm_kernel(const uint4* __restrict__ wt,
                                                                      const int8_t* __restrict__ st,
