@@ -13,8 +13,9 @@ Two paths, chosen by the number of tokens M (fixed rules, no run-time tuning; ``
   wgmma's 64-row side in registers: each warp decodes its 16 rows' FP4 codes to E5M2 with one mask
   or two shifts and masks per four codes, the activations are read from shared memory as they were
   quantized. The 4-bit weights stream once through shared memory with cp.async (evict-first); K is
-  split into ``splits`` parts (``default_splits``): two go to the two warpgroups of a CTA, whose sums
-  are added in shared memory, more to other CTAs and a workspace; every reduction has a fixed order.
+  split into ``splits`` parts (``default_splits``): up to four (two beyond 16 tokens) go to the
+  warpgroups of one CTA, whose sums are added in shared memory, more to other CTAs and a workspace;
+  every reduction has a fixed order.
   Each 32-code group's sum starts at zero and is scaled into FP32 accumulators: Hopper's FP8 wgmma
   truncates its fused sums to 13 bits below their largest term, so the result's relative error is
   about 1e-4 (that of cuBLASLt FP8 GEMMs), not FP32's.
@@ -233,8 +234,8 @@ def workspace(device: torch.device) -> _Workspace:
 def default_splits(m: int, n: int, k: int, sms: int = 132) -> int:
     """K parts of the wgmma kernel: the most of 1, 2 and 4 (1 and 2 beyond 16 tokens) that keep the
     warpgroups (64 rows and one part each) within ``WG_PER_SM`` (``WG_PER_SM_WIDE``) per
-    multiprocessor, at least ``MIN_CHUNKS`` 128-wide K chunks each. Two parts go to the two
-    warpgroups of one CTA, four to two CTAs of two (a workspace reduction). Fixed rule, fitted to the
+    multiprocessor, at least ``MIN_CHUNKS`` 128-wide K chunks each. The kernel gives 2 or 4 parts to
+    the warpgroups of one CTA (4 only up to 16 tokens), no workspace reduction. Fixed rule, fitted to the
     H100 sweeps of benchmarks/w4a8_config.json (M = 1, 4, 16: 7B gate_up's 344 blocks of 64 rows best
     at 1 part, 7B qkv's 192 at 2, K=N=8192's 128 and 7B o's 64 at 4; 8 parts slower on every shape)
     and w4a8_config_wide.json (M = 32, 64, 128: 4 parts slower on every shape, 7B qkv best at 1)."""
