@@ -539,12 +539,13 @@ cudaError_t launch(const void* wt, const int8_t* st, const uint8_t* a, int k, in
 }
 
 // NT token tiles of 8. The K parts of `splits` go to warpgroups of one CTA as far as they can (KW =
-// 4 up to 16 tokens, else 2, or 1: the largest that divides splits), the rest (splits / KW) to CTAs.
+// 4 up to 16 tokens, and up to 32 with one scale group per chunk; else 2, or 1: the largest that
+// divides splits), the rest (splits / KW) to CTAs.
 template <int NT>
 cudaError_t launch_nt(int sub, const void* wt, const int8_t* st, const uint8_t* a, int k, int lda, int kc, int splits,
                       const Epilogue& ep, int pdl, cudaStream_t stream) {
 #define FPX_LAUNCH(SUB)                                                                              \
-  if constexpr (NT <= 2)                                                                             \
+  if constexpr (NT <= 2 || (NT == 4 && SUB == 1))                                                   \
     if (splits % 4 == 0) return launch<NT, SUB, 4>(wt, st, a, k, lda, kc, splits, ep, pdl, stream); \
   if (splits % 2 == 0) return launch<NT, SUB, 2>(wt, st, a, k, lda, kc, splits, ep, pdl, stream);   \
   return launch<NT, SUB, 1>(wt, st, a, k, lda, kc, splits, ep, pdl, stream);

@@ -77,6 +77,36 @@ def test_engine_logits_match_reference(models, kind):
     assert torch.equal(eng.step(ids[:, 32].cuda(), 32, bucket), steps[1])
 
 
+@pytest.mark.parametrize("kind", ["bf16", "fp8"])
+@pytest.mark.gpu
+@needs_cuda
+def test_decode_attention_kernel_serves_models_without_gqa(monkeypatch, kind):
+    """Without GQA the decode steps run runtime.decode_attention (FP8 output for an FP8 o
+    projection): logits as the float32 model's, over a length bucket boundary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fp_export.runtime import decode_attention as A
+    from fp_export.runtime.engine import LEN_BUCKET, DecodeEngine
+
+    calls = []
+    kernel = A.decode_attention
+    monkeypatch.setattr(A, "decode_attention", lambda *a, **kw: calls.append(kw.get("quantize", False)) or kernel(*a, **kw))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=1024)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (3, LEN_BUCKET + 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids).logits.float()[:, LEN_BUCKET - 9:LEN_BUCKET + 7]
+    eng = DecodeEngine(model.to(torch.bfloat16), kind)
+    pre, bucket = eng.prefill(ids[:, :LEN_BUCKET - 8], 16)
+    steps = [pre] + [eng.step(ids[:, i].cuda(), i, bucket) for i in range(LEN_BUCKET - 8, LEN_BUCKET + 7)]
+    got = torch.stack(steps, 1).cpu()
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < {"bf16": 0.03, "fp8": 0.15}[kind], rel
+    assert calls and set(calls) == {kind == "fp8"}
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_generate_cuda_greedy_sampled_eos(models):

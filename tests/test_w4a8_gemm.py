@@ -159,7 +159,7 @@ def test_split_rule_keeps_every_program_resident(monkeypatch):
     the row; one program per row on the CPU and when the rows alone fill the GPU."""
     from fp_export.runtime import fused_quant as F
 
-    monkeypatch.setattr(F, "_multiprocessors", lambda device: 132)
+    monkeypatch.setattr(F, "multiprocessors", lambda device: 132)
     cuda = torch.device("cuda")
     assert F.split_rule(1, 11008, cuda) == (11, 1024) and F.split_rule(16, 11008, cuda) == (6, 2048)
     assert F.split_rule(1, 11008, torch.device("cpu")) == (1, 16384) and F.split_rule(67, 11008, cuda) == (1, 16384)

@@ -1,10 +1,11 @@
 """Where a decode step's time goes (issue 10): the LLaMA-2-7B-shaped model of tools/bench_decode.py
-at batch 1, one eager decode step per engine kind under torch.profiler, GPU kernel time summed by
-category (the kernels are those the step's CUDA graph replays), beside the graph-replayed step
-time of the same engine (the difference: gaps between kernels). Writes
-``<out>/decode_profile.json`` and ``.md``.
+at one batch size (``--batch``, default 1), one eager decode step per engine kind under
+torch.profiler, GPU kernel time summed by category (the kernels are those the step's CUDA graph
+replays), beside the graph-replayed step time of the same engine (the difference: gaps between
+kernels, and kernels overlapped by programmatic dependent launch). Writes
+``<out>/decode_profile.json`` and ``.md`` (``decode_profile_b<batch>.*`` beyond batch 1).
 
-    PYTHONPATH=$PWD python tools/profile_decode.py --out benchmarks
+    PYTHONPATH=$PWD python tools/profile_decode.py --out benchmarks [--batch 32]
 """
 from __future__ import annotations
 
@@ -26,17 +27,18 @@ CATEGORIES = [  # (category, kernel-name pattern), first match wins
     ("W4A8 GEMM (ours)", r"w4a8_gemm_(wide_)?kernel"),
     ("RoPE + KV write (ours)", r"_rope_cache"),
     ("norm / SiLU / FP8 quantizers (ours)", r"_rmsnorm_kernel|_silu_mul_quant|_quant_rows"),
-    ("attention", r"fmha|attention|flash|softmax|Attention"),
+    ("attention (ours: with the o projection's FP8 quantization)", r"fmha|attention|flash|softmax|Attention"),
     ("cuBLAS / cuBLASLt GEMM", r"gemm|xmma|cutlass|nvjet|Kernel2|splitK"),
     ("other (embedding, residual, final norm, casts)", r"."),
 ]
 
 
-def profile_step(eng: DecodeEngine, vocab: int) -> dict:
-    """GPU time (us) of one batch-1 decode step by category and by kernel."""
-    ids = torch.randint(0, vocab, (1, 32))
-    _, bucket = eng.prefill(ids, 8)
-    step_ids = torch.randint(0, vocab, (1, 1), device="cuda")
+def profile_step(eng: DecodeEngine, vocab: int, batch: int) -> dict:
+    """GPU time (us) of one decode step of ``batch`` sequences at position 32, by category and by
+    kernel."""
+    ids = torch.randint(0, vocab, (batch, 32))
+    eng.prefill(ids, 8)
+    step_ids = torch.randint(0, vocab, (batch, 1), device="cuda")
     pos = torch.full((1,), 32, dtype=torch.long, device="cuda")
     with torch.no_grad():
         for _ in range(2):
@@ -65,6 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks"))
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -74,11 +77,12 @@ def main() -> None:
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     lin = random_w4a8_linears(cfg, "cuda")
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers, "kinds": {}}
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
+           "batch": args.batch, "kinds": {}}
     for kind, kw in (("bf16", {}), ("fp8", {}), ("w4a8", {"linears": lin})):
         eng = DecodeEngine(model, kind, **kw)
-        r = profile_step(eng, cfg.vocab_size)
-        r["graph_step_us"] = time_decode(eng, cfg.vocab_size, 1, 32)["ms_per_step"] * 1e3
+        r = profile_step(eng, cfg.vocab_size, args.batch)
+        r["graph_step_us"] = time_decode(eng, cfg.vocab_size, args.batch, 32)["ms_per_step"] * 1e3
         eng.release()
         del eng
         torch.cuda.empty_cache()
@@ -86,9 +90,10 @@ def main() -> None:
         print(kind, json.dumps({c: round(v["us"]) for c, v in r["categories"].items()}), round(r["graph_step_us"]),
               flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode_profile.json").write_text(json.dumps(res, indent=1) + "\n")
+    stem = "decode_profile" if args.batch == 1 else f"decode_profile_b{args.batch}"
+    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
     kinds = list(res["kinds"])
-    md = [f"# One decode step, batch 1, LLaMA-2-7B-shaped ({args.layers} layers): {res['device']}", "",
+    md = [f"# One decode step, batch {args.batch}, LLaMA-2-7B-shaped ({args.layers} layers): {res['device']}", "",
           f"torch {res['torch']}; `tools/profile_decode.py`: GPU kernel time of one eager step under torch.profiler "
           "(the kernels the step's CUDA graph replays), by category; us (kernels).", "",
           "| category | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
@@ -101,7 +106,7 @@ def main() -> None:
               + " | ".join(f"{res['kinds'][k]['graph_step_us']:.0f}" for k in kinds) + " |")
     md += ["", "Top W4A8 kernels:", "", "| kernel | us | calls |", "|---|---|---|"]
     md += [f"| `{t['name']}` | {t['us']:.0f} | {t['calls']} |" for t in res["kinds"]["w4a8"]["top"]]
-    (args.out / "decode_profile.md").write_text("\n".join(md) + "\n")
+    (args.out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md), flush=True)
 
 

@@ -11,8 +11,13 @@ q/k/v and gate/up share their input: each group is one GEMM (rows concatenated; 
 stacked block-diagonally), fed by ``fused_quant.add_rmsnorm_quant`` (residual add, RMSNorm -> FP8 +
 token scales in one kernel; ``fused_quant.rmsnorm`` for BF16); the down projection is fed by
 ``fused_quant.silu_mul_quant``. Bias and LoRC run in the W4A8 kernel's epilogue. RoPE and the K/V
-cache writes are one kernel (``runtime.rope_cache``); the attention mask is built once per step (additive,
-so that attention does not convert a boolean mask in every layer).
+cache writes are one kernel (``runtime.rope_cache``). A decode step's attention without GQA runs
+``runtime.decode_attention``, which reads only the cache positions written so far and, when the o
+projection takes FP8, quantizes its output in the same kernel; with GQA, and in prefill, PyTorch's
+SDPA (cuDNN) runs (a decode step's mask is built once for all layers). On the H100
+(benchmarks/attention.md) the kernel is 1.5-1.9x cuDNN SDPA + the quantizer at 100 positions
+without GQA and about even at 1000-4000, but with LLaMA-70B's 8 KV heads it is slower than cuDNN
+at most batch sizes and lengths.
 
 Entry point for ``fp_export.generate`` on CUDA: ``generate_cuda`` (signature as the public API).
 """
@@ -28,7 +33,7 @@ from torch import nn
 from fp_export.runtime import w4a8_gemm as W
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-LEN_BUCKET = 256  # attention reads the cache up to the next multiple of this
+LEN_BUCKET = 256  # one decode graph per multiple of this many positions (attention splits the cache by it)
 
 
 def _fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,6 +216,7 @@ class DecodeEngine:
         """ids [B, T], pos0 int64 [1] (position of ids[:, 0]); ``length``: None for a prefill from
         position 0 (causal attention over the prompt), else the attention-length bucket of a
         decode step (T = 1). -> logits float32 [B, V] of the last position."""
+        from fp_export.runtime.decode_attention import decode_attention
         from fp_export.runtime.fused_quant import rmsnorm
         from fp_export.runtime.rope_cache import rope_cache
 
@@ -220,8 +226,9 @@ class DecodeEngine:
         cos, sin = self.rotary(h.view(b, t, -1), pos[None].expand(b, t))
         kc, vc = self.cache
         span = t if length is None else length
-        mask = None  # decode: the slots up to pos0, as an additive bf16 mask built once for all layers
-        if length is not None:
+        own = length is not None and self.nkv == self.nh  # decode without GQA: runtime.decode_attention
+        mask = None  # SDPA decode: the slots up to pos0, as an additive bf16 mask built once for all layers
+        if length is not None and not own:
             seen = torch.arange(length, device=self.dev) <= pos0
             mask = torch.zeros(length, dtype=torch.bfloat16, device=self.dev).masked_fill_(~seen, float("-inf"))
             mask = mask[None, None, None, :]
@@ -229,9 +236,15 @@ class DecodeEngine:
         for li, L in enumerate(self.layers):
             h, qkv = self._norm_then(h, delta, L["ln1"], L["qkv"])
             q = rope_cache(qkv, cos, sin, pos0, kc[li], vc[li], b, self.nh, self.nkv)
-            a = F.scaled_dot_product_attention(q, kc[li, :b, :, :span], vc[li, :b, :, :span], attn_mask=mask,
-                                               is_causal=length is None, enable_gqa=self.nkv != self.nh)
-            delta = L["o"](x=a.transpose(1, 2).reshape(b * t, -1))
+            if own and L["o"].quantized:  # the o projection's FP8 input straight from attention
+                a8, s = decode_attention(q, kc[li], vc[li], pos0, length, quantize=True)
+                delta = L["o"](q=a8, s=s)
+            elif own:
+                delta = L["o"](x=decode_attention(q, kc[li], vc[li], pos0, length))
+            else:
+                a = F.scaled_dot_product_attention(q, kc[li, :b, :, :span], vc[li, :b, :, :span], attn_mask=mask,
+                                                   is_causal=length is None, enable_gqa=self.nkv != self.nh)
+                delta = L["o"](x=a.transpose(1, 2).reshape(b * t, -1))
             h, gu = self._norm_then(h, delta, L["ln2"], L["gu"])
             delta = self._mlp_down(gu, L["down"])
         _, xn = rmsnorm(h.view(b, t, -1)[:, -1], self.norm_w, self.eps, delta.view(b, t, -1)[:, -1])

@@ -35,6 +35,7 @@ Outputs: q float8_e4m3fn [M, H], s float32 [M] (and for ``rmsnorm_quant`` option
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Callable
 
 import torch
 import triton
@@ -57,7 +58,7 @@ def round_bf16(x):
 
 
 @triton.jit
-def _dependent_launch(USE_GDC: tl.constexpr, TRIGGER: tl.constexpr):
+def dependent_launch(USE_GDC: tl.constexpr, TRIGGER: tl.constexpr):
     """With programmatic dependent launch: wait for the producing kernel, then (TRIGGER) let the
     consumer be scheduled (it waits for this kernel before it reads what this one writes)."""
     if USE_GDC:
@@ -67,7 +68,7 @@ def _dependent_launch(USE_GDC: tl.constexpr, TRIGGER: tl.constexpr):
 
 
 @triton.jit
-def _amax(y, ok):
+def amax_of(y, ok):
     return tl.max(tl.where(ok, tl.abs(y), 0.0), axis=0)
 
 
@@ -87,20 +88,20 @@ def _row_max(amax, row, part_ptr, cnt_ptr, SPLIT: tl.constexpr, SPLIT_P2: tl.con
 
 
 @triton.jit
-def _quant_store(y, amax, offs, ok, q_ptr, s_ptr, row, stride_q, FMAX: tl.constexpr):
-    """Quantizes y (this program's values of the row) by the row's max |y|; the first program of
-    the row stores its scale."""
+def quant_store(y, amax, offs, ok, q_ptr, s_ptr, row, stride_q, lead, FMAX: tl.constexpr):
+    """Quantizes y (this program's values of the row) by the row's max |y|; ``lead`` (one program
+    of the row) stores its scale."""
     s = tl.math.div_rn(tl.where(amax > 0, amax, 1.0), FMAX)
     q = tl.clamp(tl.math.div_rn(y, s), -FMAX, FMAX)
     tl.store(q_ptr + row * stride_q + offs, q.to(tl.float8e4nv), mask=ok)
-    tl.store(s_ptr + row, s, mask=tl.program_id(1) == 0)
+    tl.store(s_ptr + row, s, mask=lead)
 
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, d_ptr, w_ptr, h_ptr, q_ptr, s_ptr, y_ptr, H, eps, stride_x, stride_d, stride_h, stride_q,
                     stride_y, FMAX: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr, QUANT: tl.constexpr,
                     WRITE_Y: tl.constexpr, USE_GDC: tl.constexpr):
-    _dependent_launch(USE_GDC, True)
+    dependent_launch(USE_GDC, True)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < H
@@ -115,14 +116,14 @@ def _rmsnorm_kernel(x_ptr, d_ptr, w_ptr, h_ptr, q_ptr, s_ptr, y_ptr, H, eps, str
     if WRITE_Y:
         tl.store(y_ptr + row * stride_y + offs, y.to(tl.bfloat16), mask=ok)
     if QUANT:
-        _quant_store(y, _amax(y, ok), offs, ok, q_ptr, s_ptr, row, stride_q, FMAX)
+        quant_store(y, amax_of(y, ok), offs, ok, q_ptr, s_ptr, row, stride_q, True, FMAX)
 
 
 @triton.jit
 def _silu_mul_quant_kernel(g_ptr, u_ptr, q_ptr, s_ptr, part_ptr, cnt_ptr, H, stride_g, stride_u, stride_q,
                            FMAX: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
                            USE_GDC: tl.constexpr):
-    _dependent_launch(USE_GDC, SPLIT == 1)
+    dependent_launch(USE_GDC, SPLIT == 1)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < H
@@ -130,26 +131,26 @@ def _silu_mul_quant_kernel(g_ptr, u_ptr, q_ptr, s_ptr, part_ptr, cnt_ptr, H, str
     u = round_bf16(tl.load(u_ptr + row * stride_u + offs, mask=ok, other=0.0).to(tl.float32))
     a = round_bf16(g / (1.0 + tl.exp(-g)))
     y = round_bf16(a * u)
-    amax = _amax(y, ok)
+    amax = amax_of(y, ok)
     if SPLIT > 1:
         amax = _row_max(amax, row, part_ptr, cnt_ptr, SPLIT, SPLIT_P2)
         if USE_GDC:
             tl.extra.cuda.gdc_launch_dependents()
-    _quant_store(y, amax, offs, ok, q_ptr, s_ptr, row, stride_q, FMAX)
+    quant_store(y, amax, offs, ok, q_ptr, s_ptr, row, stride_q, tl.program_id(1) == 0, FMAX)
 
 
 @triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, FMAX: tl.constexpr, BLOCK: tl.constexpr,
                        USE_GDC: tl.constexpr):
-    _dependent_launch(USE_GDC, True)
+    dependent_launch(USE_GDC, True)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < H
     y = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
-    _quant_store(y, _amax(y, ok), offs, ok, q_ptr, s_ptr, row, stride_q, FMAX)
+    quant_store(y, amax_of(y, ok), offs, ok, q_ptr, s_ptr, row, stride_q, True, FMAX)
 
 
-def _alloc(m: int, h: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def alloc_quantized(m: int, h: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     if h > MAX_ROW:
         raise ValueError(f"fused quantization: rows of {h} > {MAX_ROW} elements")
     # rows padded to 16 bytes so the W4A8 kernel can load 16-byte vectors
@@ -162,7 +163,7 @@ def _warps(block: int) -> int:
 
 
 @lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
+def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -177,7 +178,7 @@ def split_rule(m: int, h: int, device: torch.device) -> tuple[int, int]:
     within the multiprocessor count; one program of the whole row (padded to a power of two) when
     that is one program (``one_program_per_row``), and always on the CPU (Triton's interpreter runs
     programs one after another: they cannot wait for each other)."""
-    per_row = _multiprocessors(device) // m if device.type == "cuda" else 1
+    per_row = multiprocessors(device) // m if device.type == "cuda" else 1
     if per_row < 2:
         return one_program_per_row(m, h, device)
     part = max(SPLIT_BLOCK, triton.next_power_of_2(-(-h // per_row)))
@@ -187,21 +188,29 @@ def split_rule(m: int, h: int, device: torch.device) -> tuple[int, int]:
 _SCRATCH: dict = {}
 
 
+def stream_scratch(device: torch.device, key: tuple, make: Callable[[], tuple]) -> tuple:
+    """The scratch tensors ``make()`` (arrival counters start at zero) of ``key`` on ``device``'s
+    current stream, made on first use. Counters only grow: each call adds its program count, so
+    that a call ends on a multiple of it; kernels on different streams never share them."""
+    full = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0, *key)
+    if full not in _SCRATCH:
+        _SCRATCH[full] = make()
+    return _SCRATCH[full]
+
+
 def _scratch(x: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(parts float32 [multiprocessors], counters int64 [multiprocessors]) for rows split over
     ``split`` programs on x's device and current stream; x twice for unsplit rows (not touched)."""
     if split == 1:
         return x, x
-    key = (x.device, torch.cuda.current_stream(x.device).cuda_stream)
-    if key not in _SCRATCH:
-        n = _multiprocessors(x.device)
-        _SCRATCH[key] = (torch.empty(n, dtype=torch.float32, device=x.device),
-                         torch.zeros(MAX_ROW // SPLIT_BLOCK + 1, n, dtype=torch.int64, device=x.device))
-    parts, counters = _SCRATCH[key]
+    n = multiprocessors(x.device)
+    parts, counters = stream_scratch(x.device, ("rows",), lambda: (
+        torch.empty(n, dtype=torch.float32, device=x.device),
+        torch.zeros(MAX_ROW // SPLIT_BLOCK + 1, n, dtype=torch.int64, device=x.device)))
     return parts, counters[split]  # one row of counters per program count: every call adds `split`
 
 
-def _launch(x: torch.Tensor) -> dict:
+def launch_options(x: torch.Tensor) -> dict:
     """Launch options: programmatic dependent launch where ``runtime.pdl`` enables it."""
     return dict(USE_GDC=True, launch_pdl=True) if pdl.enabled(x.device) else dict(USE_GDC=False)
 
@@ -229,35 +238,35 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tens
 
 def _rmsnorm(x, delta, weight, eps, quant: bool, norm: bool):
     m, h = x.shape
-    q, s = _alloc(m, h, x.device) if quant else (x, x)
+    q, s = alloc_quantized(m, h, x.device) if quant else (x, x)
     y = torch.empty(m, h, dtype=torch.bfloat16, device=x.device) if norm else x
     out = torch.empty(m, h, dtype=torch.bfloat16, device=x.device) if delta is not None else x
     d = x if delta is None else delta
     block = triton.next_power_of_2(h)
     _rmsnorm_kernel[(m,)](x, d, weight, out, q, s, y, h, eps, x.stride(0), d.stride(0), out.stride(0), q.stride(0),
                           y.stride(0), FMAX=FP8_MAX, BLOCK=block, ADD=delta is not None, QUANT=quant, WRITE_Y=norm,
-                          num_warps=_warps(block), **_launch(x))
+                          num_warps=_warps(block), **launch_options(x))
     return out, (q if quant else None), (s if quant else None), (y if norm else None)
 
 
 def silu_mul_quant(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """gate, up bf16 [M, H] (views allowed, unit column stride) -> FP8 of SiLU(gate) * up and scales."""
     m, h = gate.shape
-    q, s = _alloc(m, h, gate.device)
+    q, s = alloc_quantized(m, h, gate.device)
     split, block = split_rule(m, h, gate.device)
     parts, counters = _scratch(gate, split)
     warps = _warps(block) if split == 1 else min(16, max(4, block // 128))
     _silu_mul_quant_kernel[(m, split)](gate, up, q, s, parts, counters, h, gate.stride(0), up.stride(0), q.stride(0),
                                        FMAX=FP8_MAX, BLOCK=block, SPLIT=split, SPLIT_P2=triton.next_power_of_2(split),
-                                       num_warps=warps, **_launch(gate))
+                                       num_warps=warps, **launch_options(gate))
     return q, s
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, H] any float dtype (unit column stride) -> (float8_e4m3fn [M, H], float32 [M])."""
     m, h = x.shape
-    q, s = _alloc(m, h, x.device)
+    q, s = alloc_quantized(m, h, x.device)
     block = triton.next_power_of_2(h)
     _quant_rows_kernel[(m,)](x, q, s, h, x.stride(0), q.stride(0), FMAX=FP8_MAX, BLOCK=block, num_warps=_warps(block),
-                             **_launch(x))
+                             **launch_options(x))
     return q, s

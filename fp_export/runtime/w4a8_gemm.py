@@ -13,9 +13,9 @@ Two paths, chosen by the number of tokens M (fixed rules, no run-time tuning; ``
   wgmma's 64-row side in registers: each warp decodes its 16 rows' FP4 codes to E5M2 with one mask
   or two shifts and masks per four codes, the activations are read from shared memory as they were
   quantized. The 4-bit weights stream once through shared memory with cp.async (evict-first); K is
-  split into ``splits`` parts (``default_splits``): up to four (two beyond 16 tokens) go to the
-  warpgroups of one CTA, whose sums are added in shared memory, more to other CTAs and a workspace;
-  every reduction has a fixed order.
+  split into ``splits`` parts (``default_splits``): up to four (two beyond 32 tokens, and beyond
+  16 for scale groups under 128) go to the warpgroups of one CTA, whose sums are added in shared
+  memory, more to other CTAs and a workspace; every reduction has a fixed order.
   Each 32-code group's sum starts at zero and is scaled into FP32 accumulators: Hopper's FP8 wgmma
   truncates its fused sums to 13 bits below their largest term, so the result's relative error is
   about 1e-4 (that of cuBLASLt FP8 GEMMs), not FP32's.
@@ -231,17 +231,20 @@ def workspace(device: torch.device) -> _Workspace:
     return _WS[device]
 
 
-def default_splits(m: int, n: int, k: int, sms: int = 132) -> int:
-    """K parts of the wgmma kernel: the most of 1, 2 and 4 (1 and 2 beyond 16 tokens) that keep the
-    warpgroups (64 rows and one part each) within ``WG_PER_SM`` (``WG_PER_SM_WIDE``) per
-    multiprocessor, at least ``MIN_CHUNKS`` 128-wide K chunks each. The kernel gives 2 or 4 parts to
-    the warpgroups of one CTA (4 only up to 16 tokens), no workspace reduction. Fixed rule, fitted to the
-    H100 sweeps of benchmarks/w4a8_config.json (M = 1, 4, 16: 7B gate_up's 344 blocks of 64 rows best
-    at 1 part, 7B qkv's 192 at 2, K=N=8192's 128 and 7B o's 64 at 4; 8 parts slower on every shape)
-    and w4a8_config_wide.json (M = 32, 64, 128: 4 parts slower on every shape, 7B qkv best at 1)."""
+def default_splits(m: int, n: int, k: int, sub: int = 1, sms: int = 132) -> int:
+    """K parts of the wgmma kernel: the most of 1, 2 and 4 (1 and 2 beyond 32 tokens, and beyond 16
+    unless one scale group spans a whole 128-wide chunk, ``sub`` = 1) that keep the warpgroups (64
+    rows and one part each) within ``WG_PER_SM`` (``WG_PER_SM_WIDE`` beyond 16 tokens) per
+    multiprocessor, at least ``MIN_CHUNKS`` 128-wide K chunks each. Those parts go to the warpgroups
+    of one CTA, no workspace reduction. Fixed rule, fitted to the H100 sweeps of
+    benchmarks/w4a8_config.json (M = 1, 4, 16: 7B gate_up's 344 blocks of 64 rows best at 1 part,
+    7B qkv's 192 at 2, K=N=8192's 128 and 7B o's 64 at 4; 8 parts slower on every shape) and
+    w4a8_config_m32.json (M = 32: four warpgroups of one CTA best for 7B down's 64 blocks, even for
+    7B o's, 2 parts for K=N=8192 and 70B down, 1 for 7B qkv and gate_up) and w4a8_config_wide.json
+    (M = 64, 128: 1 or 2)."""
     kc = -(-k // CHUNK_K)
     blocks = -(-n // ROWS)
-    splits, limit = (4, WG_PER_SM) if m <= 16 else (2, WG_PER_SM_WIDE)
+    splits, limit = (4, WG_PER_SM) if m <= 16 else (4 if m <= 32 and sub == 1 else 2, WG_PER_SM_WIDE)
     while splits > 1 and blocks * splits > limit * sms:
         splits //= 2
     return max(1, min(splits, kc // MIN_CHUNKS if kc >= MIN_CHUNKS else 1))
@@ -306,7 +309,7 @@ def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, out_dtype: torch
     if m > MMA_MAX_M or a.stride(1) != 1 or a.stride(0) % 16 or a.data_ptr() % 16:
         raise ValueError(f"W4A8 mma path: needs M <= {MMA_MAX_M} and 16-byte aligned rows (M={m}, strides {a.stride()})")
     if splits is None:
-        splits = default_splits(m, w.n, w.k)
+        splits = default_splits(m, w.n, w.k, w.sub)
     splits = max(1, min(splits, w.kc))
     ws = workspace(a.device)
     part = ws.grow("partial", splits * m * w.wt.shape[0] * TILE_N) if splits > 1 else ws.partial
