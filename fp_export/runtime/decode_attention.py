@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fp_export.runtime.fused_quant import (FP8_MAX, alloc_quantized, dependent_launch, launch_options,
+from fp_export.runtime.fused_quant import (FP8_MAX, alloc_quantized, amax_of, dependent_launch, launch_options,
                                            multiprocessors, quant_store, round_bf16, stream_scratch)
 
 # BLOCK_N, NUM_WARPS, PROGRAMS_PER_SM: of 32/64 x 4/8 x 2/4/8, the most even against cuDNN SDPA on
@@ -39,7 +39,6 @@ BLOCK_N = 64  # cache positions per step of a program
 NUM_WARPS = 4
 PROGRAMS_PER_SM = 4  # parts are added until every multiprocessor has this many programs
 MAX_PARTS = 64
-MAX_ROWS = 64  # sequences per call (the engine's largest batch bucket)
 
 
 @triton.jit
@@ -126,8 +125,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, q8_ptr, s_ptr,
                 i = tl.arange(0, ROW)
                 ok_row = i < NH * D
                 yr = tl.load(o_ptr + b * stride_o + i, mask=ok_row, other=0.0, cache_modifier=".cg").to(tl.float32)
-                quant_store(yr, tl.max(tl.where(ok_row, tl.abs(yr), 0.0), axis=0), i, ok_row, q8_ptr, s_ptr, b,
-                            stride_q8, True, FMAX)
+                quant_store(yr, amax_of(yr, ok_row), i, ok_row, q8_ptr, s_ptr, b, stride_q8, True, FMAX)
 
 
 def part_rule(batch: int, kv_heads: int, length: int, device: torch.device) -> tuple[int, int]:
@@ -160,13 +158,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_d = triton.next_power_of_2(d)
     out = torch.empty(b, nh * d, dtype=torch.bfloat16, device=q.device)
     q8, s = alloc_quantized(b, nh * d, q.device) if quantize else (out, out)
-    if b > MAX_ROWS:
-        raise ValueError(f"decode_attention: batch {b} > {MAX_ROWS}")
-    part_buf, cnt, row_cnt = stream_scratch(q.device, ("attention", parts, nh, nkv, block_d), lambda: (
-        torch.empty(MAX_ROWS * nh * triton.next_power_of_2(parts) * (block_d + 2), dtype=torch.float32,
-                    device=q.device),
-        torch.zeros(MAX_ROWS * nkv, dtype=torch.int64, device=q.device),
-        torch.zeros(MAX_ROWS, dtype=torch.int64, device=q.device)))
+    rows = triton.next_power_of_2(b)  # scratch for this many sequences (a key of its own: counters never mix)
+    part_buf, cnt, row_cnt = stream_scratch(q.device, ("attention", rows, parts, nh, nkv, block_d), lambda: (
+        torch.empty(rows * nh * triton.next_power_of_2(parts) * (block_d + 2), dtype=torch.float32, device=q.device),
+        torch.zeros(rows * nkv, dtype=torch.int64, device=q.device),
+        torch.zeros(rows, dtype=torch.int64, device=q.device)))
     _decode_attention_kernel[(b * nkv, parts)](
         q, k_cache, v_cache, pos0, out, q8, s, part_buf, cnt, row_cnt, nh, nkv, chunk,
         math.log2(math.e) / math.sqrt(d), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
