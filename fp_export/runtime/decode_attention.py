@@ -11,12 +11,16 @@ in float32 with base-2 exponentials; P V on bf16 tensor cores with P split into 
 
 With several parts per KV head, each stores its (unnormalized sums [D], running maxima, sums of
 weights) per query head and arrives at its KV head's counter; the last to arrive combines the
-parts. With ``quantize``, the program that completes a KV head stores its heads in bf16 and
+parts, one query head at a time. With ``quantize``, the program that completes a KV head stores its heads in bf16 and
 arrives at its sequence's counter; the last of the sequence reads the bf16 row back and quantizes
 it with the token quantizer of ``runtime.fused_quant`` (s = max|y| / 448, q = e4m3(y / s)): the
 same bits as ``quantize_rows`` on the bf16 output. Arrival needs no program to wait for another
 (the last one does the work), so any number of programs may be launched. Counters only grow
-(``fused_quant.stream_scratch``), one set per part count.
+(``fused_quant.stream_scratch``), one set per (batch rounded up to a power of two, part count,
+head counts).
+
+The decode engine runs it for models without GQA; with GQA cuDNN's SDPA measured faster on the
+H100 (benchmarks/attention.md: the per-head combine is a chain of L2 round trips).
 
 Output: bf16 [B, NH * D] (heads concatenated, the o projection's input), or with ``quantize``
 (float8_e4m3fn [B, NH * D], float32 [B]).
@@ -144,7 +148,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     S, D] (unit last stride; positions 0 .. pos0 written), pos0 int64 [1] (the step's position,
     pos0 < length <= S), ``length``: the positions the graph was sized for (sets the parts).
     -> bf16 [B, NH * D], or with ``quantize`` (float8_e4m3fn [B, NH * D], float32 [B]).
-    ``parts``: K/V parts per head (default ``part_rule``)."""
+    ``parts``: parts per KV head (default ``part_rule``)."""
     b, nh, t, d = q.shape
     nkv, s_len = k_cache.shape[1], k_cache.shape[2]
     if t != 1 or nh % nkv or k_cache.shape[0] < b or k_cache.shape[3] != d or length > s_len:
