@@ -65,7 +65,7 @@ def test_decode_attention_matches_float64_softmax(b, nh, nkv, d, p0, length, par
 
 
 def test_part_rule_fills_the_gpu_and_covers_the_cache(monkeypatch):
-    """Parts until two programs per multiprocessor, each of whole BLOCK_N steps, covering the
+    """Parts until PROGRAMS_PER_SM programs per multiprocessor, each of whole BLOCK_N steps, covering the
     positions; one part on the CPU."""
     from fp_export.runtime import decode_attention as A
 

@@ -1,12 +1,12 @@
 """Decode-step attention on a CUDA GPU (writes <out>/attention.json + attention.md): the engine's
-kernel (``runtime.decode_attention``, FP8 output for the o projection) against what the engine ran
-before it, PyTorch's SDPA (cuDNN on Hopper) over the graph's whole length bucket with an additive
-mask, followed by the token quantizer (``fused_quant.quantize_rows``). Both read a bf16 KV cache
+kernel for models without GQA (``runtime.decode_attention``, FP8 output for the o projection)
+against what it runs with GQA, PyTorch's SDPA (cuDNN on Hopper) over the graph's whole length
+bucket with an additive mask, followed by the token quantizer (``fused_quant.quantize_rows``). Both read a bf16 KV cache
 [B, NKV, S, 128] at one step position; each call timed inside a CUDA graph (tools/bench_common.py),
 median of 3 runs and their spread. Shapes: LLaMA-2-7B (32 heads, no GQA) and LLaMA-2-70B (64
 query heads, 8 KV heads) at batch 1, 8, 32 and positions 100, 1000, 4000.
 ``--sweep`` also times the kernel's tuning constants (BLOCK_N x NUM_WARPS x PROGRAMS_PER_SM) on
-the same cases, as time / SDPA's, into attention_sweep.json + .md.
+the same cases, as time / SDPA's (in attention.json, and attention_sweep.md).
 
     PYTHONPATH=$PWD python tools/bench_attention.py --out benchmarks [--sweep]
 """
@@ -63,7 +63,7 @@ def one(nh: int, nkv: int, batch: int, pos: int, sweep: bool = False) -> dict:
         row["variants"] = {}
         kept = A.BLOCK_N, A.NUM_WARPS, A.PROGRAMS_PER_SM
         for A.BLOCK_N, A.NUM_WARPS, A.PROGRAMS_PER_SM in SWEEP:
-            row["variants"]["/".join(map(str, (A.BLOCK_N, A.NUM_WARPS, A.PROGRAMS_PER_SM)))] = graph_time_us(
+            row["variants"][_variant(A.BLOCK_N, A.NUM_WARPS, A.PROGRAMS_PER_SM)] = graph_time_us(
                 [lambda c=c: ours(*c) for c in caches])[0] / t_ref
         A.BLOCK_N, A.NUM_WARPS, A.PROGRAMS_PER_SM = kept
     return row
@@ -72,9 +72,13 @@ def one(nh: int, nkv: int, batch: int, pos: int, sweep: bool = False) -> dict:
 SWEEP = list(itertools.product((32, 64), (4, 8), (2, 4, 8)))  # BLOCK_N, NUM_WARPS, PROGRAMS_PER_SM
 
 
+def _variant(*constants: int) -> str:
+    return "/".join(map(str, constants))
+
+
 def sweep_markdown(res: dict) -> str:
     """Per case the time of each (BLOCK_N / NUM_WARPS / PROGRAMS_PER_SM) as a fraction of SDPA's."""
-    names = ["/".join(map(str, v)) for v in SWEEP]
+    names = [_variant(*v) for v in SWEEP]
     md = [f"# decode_attention tuning sweep on {res['device']}", "",
           "`tools/bench_attention.py --sweep`: the kernel's time as a fraction of SDPA + quantize's (lower is "
           "better) per BLOCK_N / NUM_WARPS / PROGRAMS_PER_SM; the committed constants are marked *.", "",
@@ -85,7 +89,7 @@ def sweep_markdown(res: dict) -> str:
     for name, rows in res["models"].items():
         md.append(f"| {name} | geometric mean | | " + " | ".join(
             f"{statistics.geometric_mean(r['variants'][v] for r in rows):.2f}" for v in names) + " |")
-    committed = "/".join(map(str, (A.BLOCK_N, A.NUM_WARPS, A.PROGRAMS_PER_SM)))
+    committed = _variant(A.BLOCK_N, A.NUM_WARPS, A.PROGRAMS_PER_SM)
     return "\n".join(md).replace(f" {committed} |", f" {committed}* |", 1) + "\n"
 
 

@@ -74,13 +74,14 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, q8_ptr, s_ptr,
     kv_row = tl.program_id(0)  # b * NKV + KV head
     part = tl.program_id(1)
     b = kv_row // NKV
+    kvh = kv_row % NKV
     r = tl.arange(0, QB)  # the KV head's query heads (GROUP of QB rows)
     rm = r < GROUP
-    h = (kv_row % NKV) * GROUP + r
+    h = kvh * GROUP + r
     d = tl.arange(0, BLOCK_D)
     dm = d < D
     q = tl.load(q_ptr + b * stride_qb + h[:, None] * stride_qh + d[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
-    kv = b * stride_cb + (kv_row % NKV) * stride_ch
+    kv = b * stride_cb + kvh * stride_ch
     end = tl.minimum((part + 1) * CHUNK, tl.load(pos_ptr) + 1)
     m = tl.full([QB], float("-inf"), tl.float32)
     total = tl.zeros([QB], tl.float32)
@@ -102,7 +103,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, q8_ptr, s_ptr,
         total = total * alpha + tl.sum(p, axis=1)
         m = m_new
         n0 += BLOCK_N
-    base = b * stride_o + (kv_row % NKV) * GROUP * D  # this KV head's query heads in the output row
+    base = b * stride_o + kvh * GROUP * D  # this KV head's query heads in the output row
     if PARTS == 1:
         y = round_bf16(acc / tl.where(rm, total, 1.0)[:, None])
         tl.store(o_ptr + base + r[:, None] * D + d[None, :], y.to(tl.bfloat16), mask=rm[:, None] & dm[None, :])
@@ -116,7 +117,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, q8_ptr, s_ptr,
         if done:  # the last part of the KV head combines the parts, one query head at a time
             j = tl.arange(0, PARTS_P2)
             for g in range(GROUP):
-                theirs = part_ptr + ((b * NH + (kv_row % NKV) * GROUP + g) * PARTS_P2 + j) * (BLOCK_D + 2)
+                theirs = part_ptr + ((b * NH + kvh * GROUP + g) * PARTS_P2 + j) * (BLOCK_D + 2)
                 mj = tl.load(theirs + BLOCK_D, mask=j < PARTS, other=float("-inf"), cache_modifier=".cg")
                 w = tl.exp2(mj - tl.max(mj, axis=0))  # part 0 holds position 0: the max is finite
                 lj = tl.load(theirs + BLOCK_D + 1, mask=j < PARTS, other=0.0, cache_modifier=".cg")
@@ -137,7 +138,12 @@ def part_rule(batch: int, kv_heads: int, length: int, device: torch.device) -> t
     that give every multiprocessor ``PROGRAMS_PER_SM`` programs, each part at least ``BLOCK_N``
     positions (a multiple of it), at most ``MAX_PARTS``; one part on the CPU."""
     want = -(-PROGRAMS_PER_SM * multiprocessors(device) // (batch * kv_heads)) if device.type == "cuda" else 1
-    parts = max(1, min(want, MAX_PARTS, -(-length // BLOCK_N)))
+    return _split(length, max(1, min(want, MAX_PARTS, -(-length // BLOCK_N))))
+
+
+def _split(length: int, parts: int) -> tuple[int, int]:
+    """(parts, positions per part) of ``length`` positions in at most ``parts`` parts of whole
+    ``BLOCK_N`` steps (fewer where the rounding leaves the last ones empty)."""
     chunk = -(-length // (parts * BLOCK_N)) * BLOCK_N
     return -(-length // chunk), chunk
 
@@ -154,11 +160,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if t != 1 or nh % nkv or k_cache.shape[0] < b or k_cache.shape[3] != d or length > s_len:
         raise ValueError(f"decode_attention: q {tuple(q.shape)} against a cache {tuple(k_cache.shape)} of "
                          f"{length} positions (one token per sequence, heads a multiple of KV heads)")
-    if parts is None:
-        parts, chunk = part_rule(b, nkv, length, q.device)
-    else:
-        chunk = -(-length // (parts * BLOCK_N)) * BLOCK_N
-        parts = -(-length // chunk)
+    parts, chunk = part_rule(b, nkv, length, q.device) if parts is None else _split(length, parts)
     block_d = triton.next_power_of_2(d)
     out = torch.empty(b, nh * d, dtype=torch.bfloat16, device=q.device)
     q8, s = alloc_quantized(b, nh * d, q.device) if quantize else (out, out)
