@@ -25,11 +25,14 @@
 // The shifts of a chunk are 16 x SUB bytes per tile (SUB = 1, 2 or 4 shifts per row per chunk:
 // groups of >= 128, 64, 32 codes), so every wgmma step lies inside one 32-code group.
 //
-// Grid: a CTA takes 64 rows (4 tiles) and KW warpgroups (1, 2 or 4), each streaming 1/KW of the
-// CTA's K range through its own ring of shared-memory stages with cp.async (weights with the L2
-// evict-first policy): the copies of several K chunks are in flight while one is decoded and
-// multiplied. The warpgroups add their sums in shared memory; K is also split over gridDim.y CTAs,
-// whose partial sums go to a workspace where the last CTA of each column block (an arrival
+// Grid: a CTA takes 64 NW rows (NW = 1, 2 or 4 row blocks of 4 tiles) and KW x NW warpgroups (at
+// most 4): KW rings of shared-memory stages, each streaming 1/KW of the CTA's K range with cp.async
+// (weights with the L2 evict-first policy) for the NW warpgroups that share it, one per row block.
+// A ring's stage holds the NW blocks' weights and one copy of the activations, so NW row blocks read
+// the activations from L2 once (at 32 tokens a chunk's activations are as large as its weights;
+// H100: their copies were a third of the kernel's time). The copies of several K chunks are in
+// flight while one is decoded and multiplied. The rings add their sums in shared memory; K is also
+// split over gridDim.y CTAs, whose partial sums go to a workspace where the last CTA of each column block (an arrival
 // counter, reset by that CTA) adds them in split order. Every reduction has a fixed order:
 // deterministic. More than 64 tokens: one launch per 64.
 #include "w4a8_gemm.h"
@@ -62,17 +65,25 @@ constexpr int MAX_M = 64;        // tokens per launch (wgmma N = 64)
 #endif
 static_assert(FPX_STAGES % 2 == 0 && FPX_STAGES >= 4, "FPX_STAGES: even, at least 4");
 
-// Shared memory of one pipeline stage (one K chunk of one warpgroup): the 4 tiles' weights (1 KB
+// Shared memory of one pipeline stage (one K chunk of one ring): the 4 NW tiles' weights (1 KB
 // each), their shifts (16 rows x SUB bytes each) and the activations of 8 * NT tokens in wgmma's
 // K-major layout without swizzle: NT x 8 "core matrices" of 8 tokens x 16 bytes (128 bytes each),
 // token m's bytes 16v .. 16v + 15 of the chunk at A + ((m / 8) * 8 + v) * 128 + (m % 8) * 16.
-template <int NT, int SUB>
+template <int NT, int SUB, int NW>
 struct Stage {
   static constexpr int W = 0;
-  static constexpr int S = W + WG_TILES * 1024;
-  static constexpr int A = S + WG_TILES * 16 * SUB;
+  static constexpr int S = W + NW * WG_TILES * 1024;
+  static constexpr int A = S + NW * WG_TILES * 16 * SUB;
   static constexpr int BYTES = A + NT * 1024;
 };
+
+// Whether a CTA of `warpgroups` x 128 threads fits its registers: 512 threads leave 128 per thread,
+// enough for up to 16 tokens and for 32 with one scale group per chunk (more would spill).
+constexpr bool fits(int nt, int sub, int warpgroups) { return warpgroups < 4 || nt <= 2 || (nt == 4 && sub == 1); }
+
+// The row blocks per CTA that are built: 1, or 2 and 4 from 9 tokens on (up to 8 the activations are
+// small beside the weights) where they fit.
+constexpr bool built(int nt, int sub, int nw) { return nw == 1 || (nt >= 2 && fits(nt, sub, nw)); }
 
 // x, opaque to the compiler: it stays in a register instead of being recomputed where it is used.
 template <typename T>
@@ -116,9 +127,10 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// The 128 threads of warpgroup `wg` of the CTA (named barrier 1 + wg; 0 is __syncthreads).
-__device__ __forceinline__ void warpgroup_sync(int wg) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(1 + wg), "n"(WG_THREADS) : "memory");
+// The THREADS threads of ring `ring` of the CTA (named barrier 1 + ring; 0 is __syncthreads).
+template <int THREADS>
+__device__ __forceinline__ void ring_sync(int ring) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(1 + ring), "n"(THREADS) : "memory");
 }
 
 // lo, hi: the E5M2 bytes (value * 2^-14) of a layout word's codes 0-3 and 4-7.
@@ -201,10 +213,10 @@ __device__ __forceinline__ void wgmma<8, true>(float (&d)[8][4], const uint32_t 
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 }
 
-// The cp.async ring a warpgroup runs over `chunks` K chunks, S stages of BYTES each: load(i, stage,
-// weights, acts) copies the i-th chunk of the caller's order into the stage at byte offset `stage`,
-// sync() makes a landed stage visible to the warpgroup, compute(stage, s, i) multiplies it (s = i % S).
-// A stage is refilled two chunks after it was multiplied: the warpgroup's wgmmas read it
+// The cp.async ring that a ring's warpgroups run over `chunks` K chunks, S stages of BYTES each:
+// load(i, stage, weights, acts) copies the i-th chunk of the caller's order into the stage at byte
+// offset `stage`, sync() makes a landed stage visible to the ring's threads, compute(stage, s, i)
+// multiplies it (s = i % S). A stage is refilled two chunks after it was multiplied: the warpgroups' wgmmas read it
 // asynchronously and the last ones of a chunk may still run while the next chunk is issued, so
 // S - 2 chunks are in flight. The first stages' weights go out before the wait for the kernel that
 // writes the activations (programmatic dependent launch), everything else after it; every thread
@@ -317,35 +329,36 @@ __device__ __forceinline__ void epilogue(float (&acc)[NT][4], const Epilogue& p,
     }
 }
 
-// The CTA's KW warpgroups take its 64 rows (one 16-row tile per warp) and 1/KW of its K range each;
-// each warpgroup streams its chunks through its own ring of FPX_STAGES stages (one warpgroup barrier
-// per chunk). Per chunk a thread decodes its 64 codes into four wgmma fragments (two sets of
-// registers, alternating between chunks, so that a chunk is decoded while the previous one's wgmmas
-// run), then waits for those wgmmas, adds the previous chunk's group sums times their scales to the
-// FP32 accumulators, and issues the chunk's wgmmas: each 32-code group's sum starts from zero (the
-// zeroing wgmma) in registers of its own. The KW sums are added in shared memory, in warpgroup
-// order, at the end.
-template <int NT, int SUB, int KW>
-__global__ void __launch_bounds__(KW * WG_THREADS, NT <= 2 ? 4 / KW : 1) w4a8_gemm_kernel(const uint4* __restrict__ wt,
+// The CTA's KW x NW warpgroups: ring kw = wg / NW takes 1/KW of the CTA's K range, warpgroup wg % NW
+// of a ring its 64-row block (one 16-row tile per warp); each ring streams its chunks through
+// FPX_STAGES stages (one barrier of the ring's threads per chunk). Per chunk a thread decodes its
+// 64 codes into four wgmma fragments (two sets of registers, alternating between chunks, so that a
+// chunk is decoded while the previous one's wgmmas run), then waits for those wgmmas, adds the
+// previous chunk's group sums times their scales to the FP32 accumulators, and issues the chunk's
+// wgmmas: each 32-code group's sum starts from zero (the zeroing wgmma) in registers of its own.
+// The KW rings' sums are added in shared memory, in ring order, at the end.
+template <int NT, int SUB, int KW, int NW>
+__global__ void __launch_bounds__(KW * NW * WG_THREADS, NT <= 2 ? 4 / (KW * NW) : 1) w4a8_gemm_kernel(const uint4* __restrict__ wt,
                                                                      const int8_t* __restrict__ st,
                                                                      const uint8_t* __restrict__ a, int K, int lda,
                                                                      int KC, int chunks_per_split, const Epilogue ep) {
-  using L = Stage<NT, SUB>;
+  using L = Stage<NT, SUB, NW>;
   constexpr int S = FPX_STAGES, STEPS = 4 / SUB;   // wgmma k32 steps per group
-  constexpr int AV = (64 * NT + WG_THREADS - 1) / WG_THREADS;  // activation vectors per thread per chunk
+  constexpr int RING = NW * WG_THREADS;              // threads per ring
+  constexpr int AV = (64 * NT + RING - 1) / RING;    // activation vectors per thread per chunk
   extern __shared__ __align__(128) uint8_t smem[];
   const int M = ep.M, N = ep.N;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int wg = warp / WG_TILES, wq = warp % WG_TILES, tid = threadIdx.x % WG_THREADS;
+  const int kw = warp / (WG_TILES * NW), wq = warp % (WG_TILES * NW), tid = threadIdx.x % RING;
   const int g = pinned(lane >> 2), t = pinned(lane & 3);
   const int ntiles = (N + 15) >> 4;
-  const int tile = blockIdx.x * WG_TILES + wq;
+  const int tile = blockIdx.x * WG_TILES * NW + wq;  // wq: the warp's tile in the CTA's 4 NW
   const bool own = tile < ntiles;  // warps past the last tile multiply whatever their stage holds
   const int cta_begin = blockIdx.y * chunks_per_split;
   const int cta_chunks = max(0, min(KC, cta_begin + chunks_per_split) - cta_begin);
-  const int per_wg = (cta_chunks + KW - 1) / KW;
-  const int c_begin = cta_begin + wg * per_wg;
-  const int chunks = max(0, min(per_wg, cta_chunks - wg * per_wg));  // the same for the 4 warps
+  const int per_ring = (cta_chunks + KW - 1) / KW;
+  const int c_begin = cta_begin + kw * per_ring;
+  const int chunks = max(0, min(per_ring, cta_chunks - kw * per_ring));  // the same for the ring's warps
 
   float acc[NT][4], part[SUB][NT][4];  // part: each 32-code group's sum of the chunk in flight
 #pragma unroll
@@ -354,14 +367,14 @@ __global__ void __launch_bounds__(KW * WG_THREADS, NT <= 2 ? 4 / KW : 1) w4a8_ge
     for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
   float ps[SUB][2];  // the scales (rows g, g + 8) of those groups
 
-  uint8_t* ring = smem + wg * S * L::BYTES;
+  uint8_t* ring = smem + kw * S * L::BYTES;
   const uint32_t ring_addr = smem_addr(ring);
   uint64_t policy = 0;
 #if FPX_EVICT_FIRST
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
 #endif
   // This thread's copies per chunk: its warp's two weight vectors, (lane < SUB) one shift vector,
-  // and the activation vectors v = tid + 128 r of tokens m = v / 8 < M (bytes 16 (v % 8) of the
+  // and the activation vectors v = tid + RING r of tokens m = v / 8 < M (bytes 16 (v % 8) of the
   // chunk; zeros past K). Tokens >= M are never written: they only reach output columns >= M.
   const size_t first = static_cast<size_t>(own ? tile : 0) * KC + c_begin;
   const uint4* w_src = pinned(wt + first * 64 + lane);
@@ -376,15 +389,15 @@ __global__ void __launch_bounds__(KW * WG_THREADS, NT <= 2 ? 4 / KW : 1) w4a8_ge
   uint32_t a_on[AV];            // token m < M
 #pragma unroll
   for (int r = 0; r < AV; ++r) {
-    const int v = tid + WG_THREADS * r, m = v >> 3;
+    const int v = tid + RING * r, m = v >> 3;
     a_k[r] = pinned<uint32_t>(c_begin * 128 + (v & 7) * 16);
     a_src[r] = pinned(a + static_cast<size_t>(m < M ? m : 0) * lda + a_k[r]);
     a_dst[r] = pinned(ring_addr + L::A + ((m >> 3) * 8 + (v & 7)) * 128 + (m & 7) * 16);
     a_on[r] = pinned<uint32_t>(m < M);
   }
-  // The warpgroups start at different chunks of their range (FPX_ROTATE), so that concurrent
-  // copies spread over the address space instead of all reading the same offset of their tiles.
-  const uint32_t rot = FPX_ROTATE && chunks > 0 ? (blockIdx.x * 5 + wg) % chunks : 0;
+  // The rings start at different chunks of their range (FPX_ROTATE), so that concurrent copies
+  // spread over the address space instead of all reading the same offset of their tiles.
+  const uint32_t rot = FPX_ROTATE && chunks > 0 ? (blockIdx.x * 5 + kw) % chunks : 0;
   // chunk c_begin + (i0 + rot) % chunks into the stage at byte offset `stage`: its weights and
   // shifts (which no earlier kernel writes) and/or its activations
   auto load = [&](uint32_t i0, uint32_t stage, bool weights, bool acts) {
@@ -451,27 +464,27 @@ __global__ void __launch_bounds__(KW * WG_THREADS, NT <= 2 ? 4 / KW : 1) w4a8_ge
     wgmma_commit();
   };
 
-  run_ring<S, L::BYTES>(chunks, load, [wg] { warpgroup_sync(wg); }, compute);
+  run_ring<S, L::BYTES>(chunks, load, [kw] { ring_sync<RING>(kw); }, compute);
   wgmma_wait<0>();
   if (chunks > 0) promote();
-  if constexpr (KW > 1) {  // warpgroups 1 .. KW-1 hand their sums to warpgroup 0 through the (drained) rings
+  if constexpr (KW > 1) {  // rings 1 .. KW-1 hand their sums to ring 0 through the (drained) stages
     float* red = reinterpret_cast<float*>(smem);
     __syncthreads();
-    if (wg > 0)
+    if (kw > 0)
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) red[(((wg - 1) * WG_TILES + wq) * NT * 4 + j * 4 + i) * 32 + lane] = acc[j][i];
+        for (int i = 0; i < 4; ++i) red[(((kw - 1) * WG_TILES * NW + wq) * NT * 4 + j * 4 + i) * 32 + lane] = acc[j][i];
     __syncthreads();
-    if (wg == 0)
+    if (kw == 0)
 #pragma unroll
       for (int s = 1; s < KW; ++s)
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) acc[j][i] += red[(((s - 1) * WG_TILES + wq) * NT * 4 + j * 4 + i) * 32 + lane];
+          for (int i = 0; i < 4; ++i) acc[j][i] += red[(((s - 1) * WG_TILES * NW + wq) * NT * 4 + j * 4 + i) * 32 + lane];
   }
-  epilogue<NT>(acc, ep, wg == 0 ? tile : ntiles, ntiles, g, t);  // warpgroups > 0 only join its barriers
+  epilogue<NT>(acc, ep, kw == 0 ? tile : ntiles, ntiles, g, t);  // rings > 0 only join its barriers
 }
 
 // One thread per 32 codes (one 16-byte vector of the layout) -> 32 E4M3 bytes of row n.
@@ -513,23 +526,24 @@ __global__ void weight_to_fp8_kernel(const uint4* __restrict__ wt, const int8_t*
   }
 }
 
-// grid = (column blocks of 64 rows, splits / KW), KW warpgroups per CTA; chunks_per_split =
+// grid = (column blocks of 64 NW rows, splits / KW), KW x NW warpgroups per CTA; chunks_per_split =
 // ceil(kc / (splits / KW)). pdl: may start before the previous kernel in the stream has finished
 // (programmatic dependent launch; the kernel waits for it before it reads the activations or
 // touches the workspace).
-template <int NT, int SUB, int KW>
+template <int NT, int SUB, int KW, int NW>
 cudaError_t launch(const void* wt, const int8_t* st, const uint8_t* a, int k, int lda, int kc, int splits,
                    const Epilogue& ep, int pdl, cudaStream_t stream) {
-  const auto kernel = w4a8_gemm_kernel<NT, SUB, KW>;
-  const int smem = KW * FPX_STAGES * Stage<NT, SUB>::BYTES, ctas_y = splits / KW;
+  static_assert(fits(NT, SUB, KW * NW), "registers");
+  const auto kernel = w4a8_gemm_kernel<NT, SUB, KW, NW>;
+  const int smem = KW * FPX_STAGES * Stage<NT, SUB, NW>::BYTES, ctas_y = splits / KW;
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
   cudaLaunchAttribute attr;
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = pdl != 0;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((ep.N + 16 * WG_TILES - 1) / (16 * WG_TILES), ctas_y);
-  cfg.blockDim = dim3(KW * WG_THREADS);
+  cfg.gridDim = dim3((ep.N + 16 * WG_TILES * NW - 1) / (16 * WG_TILES * NW), ctas_y);
+  cfg.blockDim = dim3(KW * NW * WG_THREADS);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = &attr;
@@ -538,24 +552,35 @@ cudaError_t launch(const void* wt, const int8_t* st, const uint8_t* a, int k, in
                             (kc + ctas_y - 1) / ctas_y, ep);
 }
 
-// NT token tiles of 8. The K parts of `splits` go to warpgroups of one CTA as far as they can (KW =
-// 4 up to 16 tokens, and up to 32 with one scale group per chunk; else 2, or 1: the largest that
-// divides splits), the rest (splits / KW) to CTAs.
-template <int NT>
-cudaError_t launch_nt(int sub, const void* wt, const int8_t* st, const uint8_t* a, int k, int lda, int kc, int splits,
-                      const Epilogue& ep, int pdl, cudaStream_t stream) {
-#define FPX_LAUNCH(SUB)                                                                              \
-  if constexpr (NT <= 2 || (NT == 4 && SUB == 1))                                                   \
-    if (splits % 4 == 0) return launch<NT, SUB, 4>(wt, st, a, k, lda, kc, splits, ep, pdl, stream); \
-  if (splits % 2 == 0) return launch<NT, SUB, 2>(wt, st, a, k, lda, kc, splits, ep, pdl, stream);   \
-  return launch<NT, SUB, 1>(wt, st, a, k, lda, kc, splits, ep, pdl, stream);
-  switch (sub) {
-    case 1: FPX_LAUNCH(1)
-    case 2: FPX_LAUNCH(2)
-    case 4: FPX_LAUNCH(4)
-    default: return cudaErrorInvalidValue;
+// NT token tiles of 8, NW row blocks per CTA. The K parts of `splits` go to the rings of one CTA as
+// far as they can (KW = 4, 2 or 1: the largest that divides splits with KW x NW warpgroups that
+// ``fits``), the rest (splits / KW) to CTAs.
+template <int NT, int SUB, int NW>
+cudaError_t launch_rings(const void* wt, const int8_t* st, const uint8_t* a, int k, int lda, int kc, int splits,
+                         const Epilogue& ep, int pdl, cudaStream_t stream) {
+  if constexpr (!built(NT, SUB, NW)) {
+    return cudaErrorInvalidValue;
+  } else {
+    if constexpr (NW == 1 && fits(NT, SUB, 4))
+      if (splits % 4 == 0) return launch<NT, SUB, 4, 1>(wt, st, a, k, lda, kc, splits, ep, pdl, stream);
+    if constexpr (NW <= 2 && fits(NT, SUB, 2 * NW))
+      if (splits % 2 == 0) return launch<NT, SUB, 2, NW>(wt, st, a, k, lda, kc, splits, ep, pdl, stream);
+    return launch<NT, SUB, 1, NW>(wt, st, a, k, lda, kc, splits, ep, pdl, stream);
   }
+}
+
+// nw: at most that many row blocks per CTA (the most of nw, nw / 2, ..., 1 that is ``built``).
+template <int NT>
+cudaError_t launch_nt(int sub, int nw, const void* wt, const int8_t* st, const uint8_t* a, int k, int lda, int kc,
+                      int splits, const Epilogue& ep, int pdl, cudaStream_t stream) {
+  while (nw > 1 && !built(NT, sub, nw)) nw /= 2;
+#define FPX_LAUNCH(SUB, NW) \
+  if (sub == SUB && nw == NW) return launch_rings<NT, SUB, NW>(wt, st, a, k, lda, kc, splits, ep, pdl, stream);
+  FPX_LAUNCH(1, 1) FPX_LAUNCH(2, 1) FPX_LAUNCH(4, 1)
+  FPX_LAUNCH(1, 2) FPX_LAUNCH(2, 2) FPX_LAUNCH(4, 2)
+  FPX_LAUNCH(1, 4) FPX_LAUNCH(2, 4) FPX_LAUNCH(4, 4)
 #undef FPX_LAUNCH
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
@@ -564,8 +589,9 @@ extern "C" int fp_export_w4a8_gemm(const void* wt, const int8_t* st, const uint8
                                    const float* w_scale, const float* bias, const float* lorc_t,
                                    const float* lorc_u, int lorc_rank, void* out, int out_bf16, float* ws,
                                    int* counters, int m, int n, int k, int lda, int ldo, int kc, int sub,
-                                   int splits, int pdl, cudaStream_t stream) {
+                                   int splits, int nw, int pdl, cudaStream_t stream) {
   if (m <= 0 || m > 128 || n <= 0 || k <= 0 || k % 32 || kc * 128 < k || lda % 16 || splits < 1 || splits > kc ||
+      (nw != 1 && nw != 2 && nw != 4) ||
       (reinterpret_cast<uintptr_t>(a) % 16) || (reinterpret_cast<uintptr_t>(wt) % 16) ||
       (reinterpret_cast<uintptr_t>(st) % 16) || (splits > 1 && (ws == nullptr || counters == nullptr)))
     return cudaErrorInvalidValue;
@@ -576,10 +602,10 @@ extern "C" int fp_export_w4a8_gemm(const void* wt, const int8_t* st, const uint8
                       lorc_u, lorc_rank, o, out_bf16, ws, counters, mb, n, ldo};
     const uint8_t* am = a + static_cast<size_t>(m0) * lda;
     cudaError_t e;
-    if (mb <= 8) e = launch_nt<1>(sub, wt, st, am, k, lda, kc, splits, ep, pdl, stream);
-    else if (mb <= 16) e = launch_nt<2>(sub, wt, st, am, k, lda, kc, splits, ep, pdl, stream);
-    else if (mb <= 32) e = launch_nt<4>(sub, wt, st, am, k, lda, kc, splits, ep, pdl, stream);
-    else e = launch_nt<8>(sub, wt, st, am, k, lda, kc, splits, ep, pdl, stream);
+    if (mb <= 8) e = launch_nt<1>(sub, nw, wt, st, am, k, lda, kc, splits, ep, pdl, stream);
+    else if (mb <= 16) e = launch_nt<2>(sub, nw, wt, st, am, k, lda, kc, splits, ep, pdl, stream);
+    else if (mb <= 32) e = launch_nt<4>(sub, nw, wt, st, am, k, lda, kc, splits, ep, pdl, stream);
+    else e = launch_nt<8>(sub, nw, wt, st, am, k, lda, kc, splits, ep, pdl, stream);
     if (e != cudaSuccess) return static_cast<int>(e);
   }
   return static_cast<int>(cudaSuccess);

@@ -72,15 +72,17 @@ def test_gemm_matches_float64_reference(m, n, k, g):
     xq, xs = quantize_rows(x)
     ref = W.reference(xq.float().cpu(), xs.cpu(), w)
     paths = ["mma", "scaled_mm"] if m <= W.MMA_MAX_M else ["scaled_mm"]
+    launches = [(s, nw) for s in (1, 2, 3, 4, 8) for nw in (1, 2, 4)]  # K parts x 64-row blocks per CTA
     for path in paths:
-        for splits in ([1, 2, 3, 4, 8] if path == "mma" else [None]):
-            y = W.gemm(xq, xs, w, out_dtype=torch.float32, splits=splits, path=path)
+        for splits, nw in (launches if path == "mma" else [(None, None)]):
+            kw = dict(splits=splits, path=path, nw=nw)
+            y = W.gemm(xq, xs, w, out_dtype=torch.float32, **kw)
             # both run on FP8 wgmma, whose fused k32 sums keep 13 bits below their largest term (measured on
             # the H100: <= 1.2e-4 for the mma path with its 32-code groups scaled in FP32, <= 2e-4 for cuBLASLt)
             rel = ((y.cpu().double() - ref).norm() / ref.norm()).item()
-            assert rel < 5e-4, (path, splits, rel)
-            assert torch.equal(y, W.gemm(xq, xs, w, out_dtype=torch.float32, splits=splits, path=path))
-            yb = W.gemm(xq, xs, w, out_dtype=torch.bfloat16, splits=splits, path=path)
+            assert rel < 5e-4, (kw, rel)
+            assert torch.equal(y, W.gemm(xq, xs, w, out_dtype=torch.float32, **kw))
+            yb = W.gemm(xq, xs, w, out_dtype=torch.bfloat16, **kw)
             assert ((yb.cpu().double() - ref).norm() / ref.norm()).item() < 4e-3
 
 
@@ -184,3 +186,22 @@ def test_pdl_switch(monkeypatch):
     monkeypatch.setenv("FP_EXPORT_PDL", "1")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert not pdl.enabled("cuda:0")
+
+
+def test_launch_rule_fits_the_kernel():
+    """The default launch shape stays within what plugins/w4a8_gemm.cu builds: row blocks from 9
+    tokens on, at most ``cta_warpgroups`` warpgroups when the parts and blocks share a CTA, every
+    part at least ``MIN_CHUNKS`` chunks; and it is the H100 sweep's best on the decode shapes
+    (benchmarks/w4a8_config_nw.md)."""
+    for m in (1, 8, 9, 16, 17, 32, 33, 64):
+        for sub in (1, 2, 4):
+            for n, k in ((8192, 8192), (12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (8192, 28672),
+                         (96, 256), (17, 4096)):
+                splits, nw = W.default_splits(m, n, k, sub), W.default_nw(m, n, k, sub)
+                assert nw == 1 or (m > 8 and nw <= W.cta_warpgroups(m, sub)), (m, sub, n, k, nw)
+                assert splits * nw <= W.cta_warpgroups(m, sub) or -(-k // 128) // splits >= W.CTA_SPLIT_CHUNKS
+                assert splits == 1 or -(-k // 128) // splits >= W.MIN_CHUNKS
+    best = {(8192, 8192, 32): (2, 2), (12288, 4096, 16): (2, 2), (12288, 4096, 32): (1, 2), (4096, 4096, 32): (4, 1),
+            (22016, 4096, 32): (1, 4), (4096, 11008, 16): (4, 1), (8192, 8192, 64): (1, 2), (22016, 4096, 64): (1, 2)}
+    for (n, k, m), launch in best.items():
+        assert (W.default_splits(m, n, k), W.default_nw(m, n, k)) == launch, (n, k, m)

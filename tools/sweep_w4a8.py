@@ -40,7 +40,8 @@ VARIANTS = {  # kernel: (macro, values) pairs swept as a product
 DEFAULT_MS = {"few": "1,4,16", "wide": "32,64,128"}
 
 
-def child(ms: list[int], kernel: str, baseline: bool, splits_list: list[int] | None, shapes: dict) -> None:
+def child(ms: list[int], kernel: str, baseline: bool, splits_list: list[int] | None, shapes: dict,
+          nws: list[int] | None) -> None:
     """Time the library named by FP_EXPORT_W4A8_LIB; one JSON line per (shape, M, splits)."""
     import torch
 
@@ -67,16 +68,19 @@ def child(ms: list[int], kernel: str, baseline: bool, splits_list: list[int] | N
                                   "spread": spread(runs), "fp8": True}), flush=True)
                 del w8
             base = W.default_splits(m, n, k)
+            base_nw = W.default_nw(m, n, k)
             near = set(splits_list) if splits_list else {max(1, base // 2), base, base * 2} | (
                 {1, 2, 4, 8} if kernel == "wide" else set())
-            for splits in sorted(x for x in near if x <= ws[0].kc):
+            for nw, splits in itertools.product(nws or [base_nw], sorted(x for x in near if x <= ws[0].kc)):
+                kw = {"splits": splits, "path": "mma"} | ({"nw": nw} if nws else {})  # --previous: no nw
                 try:  # sizes the workspace before capture; --previous may take fewer tokens
-                    W.gemm(xq, xs, ws[0], splits=splits, path="mma")
+                    W.gemm(xq, xs, ws[0], **kw)
                 except W.W4A8Unavailable:
                     continue
-                t, runs = graph_time_us([lambda w=w: W.gemm(xq, xs, w, splits=splits, path="mma") for w in ws])
-                print(json.dumps({"shape": name, "N": n, "K": k, "M": m, "splits": splits, "default": splits == base,
-                                  "us": t, "spread": spread(runs)}), flush=True)
+                t, runs = graph_time_us([lambda w=w: W.gemm(xq, xs, w, **kw) for w in ws])
+                print(json.dumps({"shape": name, "N": n, "K": k, "M": m, "splits": splits, "nw": nw,
+                                  "default": splits == base and nw == base_nw, "us": t, "spread": spread(runs)}),
+                      flush=True)
         del ws
         torch.cuda.empty_cache()
 
@@ -91,6 +95,7 @@ def main() -> None:
     ap.add_argument("--vary", action="append", metavar="MACRO=V1,V2", help="sweep these macros instead of the "
                     "kernel's default set (repeatable; swept as a product)")
     ap.add_argument("--splits", help="split counts to time (default: around the committed rule)")
+    ap.add_argument("--nws", help="64-row blocks per CTA to time (default: the committed rule)")
     ap.add_argument("--shapes", help="comma-separated shape names (default: " + ", ".join(SHAPES) + "; also "
                     + ", ".join(MORE_SHAPES) + ")")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -102,7 +107,7 @@ def main() -> None:
     shapes = {name: every[name] for name in args.shapes.split(",")} if args.shapes else SHAPES
     if args.child:
         return child(ms, args.kernel, args.baseline, [int(x) for x in args.splits.split(",")] if args.splits else None,
-                     shapes)
+                     shapes, [int(x) for x in args.nws.split(",")] if args.nws else None)
     import torch
 
     from fp_export.runtime.kernels import compile_cuda
@@ -128,7 +133,8 @@ def main() -> None:
     for name, v, lib in zip(names, variants, libs):
         env = {**os.environ, "FP_EXPORT_W4A8_LIB": str(lib), "FP_EXPORT_PDL": "0" if "no PDL" in name else "1"}
         cmd = [sys.executable, __file__, "--child", "--kernel", args.kernel, "--ms", args.ms] + (
-            ["--splits", args.splits] if args.splits else []) + (["--shapes", args.shapes] if args.shapes else [])
+            ["--splits", args.splits] if args.splits else []) + (["--shapes", args.shapes] if args.shapes else []) + (
+            ["--nws", args.nws] if args.nws and name != "previous" else [])
         r = subprocess.run(cmd + (["--baseline"] if name == "committed" and args.kernel == "wide" else []), env=env,
                            capture_output=True, text=True)
         if r.returncode:
@@ -151,7 +157,9 @@ def main() -> None:
     md = [f"# W4A8 {args.kernel} kernel: tuning sweep on {report['device']}", "",
           "`tools/sweep_w4a8.py`: each variant built with its macros and timed in its own process (L2-cold weights, "
           "CUDA graphs, median of 3 runs); per shape and M the best split count's time in us, and in brackets the "
-          "time at the committed split rule. Ratio: committed build's best / the variant's best, geometric mean.", "",
+          "time at the committed split rule" + (" (with `--nws`: [splits x row blocks per CTA] of the best)" if args.nws
+                                                 else "") + ". Ratio: committed build's best / the variant's best, "
+          "geometric mean.", "",
           "| variant | " + " | ".join(f"{s} M={m}" for s in shapes for m in ms) + " | ratio |",
           "|---|" + "---|" * (len(shapes) * len(ms) + 1)]
     for name in names + (["fp8"] if args.kernel == "wide" else []):
@@ -161,7 +169,8 @@ def main() -> None:
                 b, c = best.get((name, s, m)), best.get(("committed", s, m))
                 d = next((r for r in rows if r["variant"] == name and r["shape"] == s and r["M"] == m and r["default"]),
                          None)
-                cells.append("-" if b is None else f"{b['us']:.1f} ({d['us']:.1f})" if d else f"{b['us']:.1f}")
+                at = f" [{b['splits']}x{b['nw']}]" if b and args.nws and b["splits"] else ""
+                cells.append("-" if b is None else f"{b['us']:.1f}{at} ({d['us']:.1f})" if d else f"{b['us']:.1f}{at}")
                 if b and c:
                     ratios.append(c["us"] / b["us"])
         gm = 1.0

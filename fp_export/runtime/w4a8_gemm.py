@@ -12,10 +12,12 @@ Two paths, chosen by the number of tokens M (fixed rules, no run-time tuning; ``
   FP8 tensor cores through wgmma (m64nNk32, E5M2 x E4M3, FP32 accumulators) with the weights as
   wgmma's 64-row side in registers: each warp decodes its 16 rows' FP4 codes to E5M2 with one mask
   or two shifts and masks per four codes, the activations are read from shared memory as they were
-  quantized. The 4-bit weights stream once through shared memory with cp.async (evict-first); K is
-  split into ``splits`` parts (``default_splits``): up to four (two beyond 32 tokens, and beyond
-  16 for scale groups under 128) go to the warpgroups of one CTA, whose sums are added in shared
-  memory, more to other CTAs and a workspace; every reduction has a fixed order.
+  quantized. The 4-bit weights stream once through shared memory with cp.async (evict-first).
+  From 9 tokens on, ``nw`` blocks of 64 rows (``default_nw``) share a CTA and one copy of the
+  activations, which are as large as a chunk's weights at 32 tokens. K is split into ``splits``
+  parts (``default_splits``): as many as fit go to the warpgroups of one CTA (four warpgroups in
+  all up to 16 tokens, and up to 32 for scale groups >= 128; two beyond), whose sums are added in
+  shared memory, more to other CTAs and a workspace; every reduction has a fixed order.
   Each 32-code group's sum starts at zero and is scaled into FP32 accumulators: Hopper's FP8 wgmma
   truncates its fused sums to 13 bits below their largest term, so the result's relative error is
   about 1e-4 (that of cuBLASLt FP8 GEMMs), not FP32's.
@@ -190,7 +192,7 @@ def load_library() -> ctypes.CDLL:
         path = build_library()
     lib = ctypes.CDLL(str(path))
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.fp_export_w4a8_gemm.argtypes = [p, p, p, p, p, p, p, p, i, p, i, p, p, i, i, i, i, i, i, i, i, i, p]
+    lib.fp_export_w4a8_gemm.argtypes = [p, p, p, p, p, p, p, p, i, p, i, p, p, i, i, i, i, i, i, i, i, i, i, p]
     lib.fp_export_w4a8_gemm.restype = i
     lib.fp_export_w4a8_weight_to_fp8.argtypes = [p, p, p, i, i, i, i, p]
     lib.fp_export_w4a8_weight_to_fp8.restype = i
@@ -235,24 +237,49 @@ def default_splits(m: int, n: int, k: int, sub: int = 1, sms: int = 132) -> int:
     """K parts of the wgmma kernel: the most of 1, 2 and 4 (1 and 2 beyond 32 tokens, and beyond 16
     unless one scale group spans a whole 128-wide chunk, ``sub`` = 1) that keep the warpgroups (64
     rows and one part each) within ``WG_PER_SM`` (``WG_PER_SM_WIDE`` beyond 16 tokens) per
-    multiprocessor, at least ``MIN_CHUNKS`` 128-wide K chunks each. Those parts go to the warpgroups
-    of one CTA, no workspace reduction. Fixed rule, fitted to the H100 sweeps of
+    multiprocessor, at least ``MIN_CHUNKS`` 128-wide K chunks each. The parts go to the warpgroups
+    of one CTA as far as ``cta_warpgroups`` allows with ``default_nw`` row blocks, the rest to CTAs
+    through the workspace, and only where each part keeps ``CTA_SPLIT_CHUNKS`` chunks (else the
+    parts are cut to what one CTA holds). Fixed rule, fitted to the H100 sweeps of
     benchmarks/w4a8_config.json (M = 1, 4, 16: 7B gate_up's 344 blocks of 64 rows best at 1 part,
-    7B qkv's 192 at 2, K=N=8192's 128 and 7B o's 64 at 4; 8 parts slower on every shape) and
+    7B qkv's 192 at 2, K=N=8192's 128 and 7B o's 64 at 4; 8 parts slower on every shape),
     w4a8_config_m32.json (M = 32: four warpgroups of one CTA best for 7B down's 64 blocks, even for
-    7B o's, 2 parts for K=N=8192 and 70B down, 1 for 7B qkv and gate_up) and w4a8_config_wide.json
-    (M = 64, 128: 1 or 2)."""
+    7B o's) and w4a8_config_nw.md (M = 16, 32, 64 with row blocks: parts over CTAs pay only for
+    70B down's 224 chunks)."""
     kc = -(-k // CHUNK_K)
     blocks = -(-n // ROWS)
     splits, limit = (4, WG_PER_SM) if m <= 16 else (4 if m <= 32 and sub == 1 else 2, WG_PER_SM_WIDE)
     while splits > 1 and blocks * splits > limit * sms:
         splits //= 2
+    per_cta = cta_warpgroups(m, sub) // default_nw(m, n, k, sub)
+    if splits > per_cta and kc // splits < CTA_SPLIT_CHUNKS:
+        splits = per_cta
     return max(1, min(splits, kc // MIN_CHUNKS if kc >= MIN_CHUNKS else 1))
+
+
+def default_nw(m: int, n: int, k: int, sub: int = 1) -> int:
+    """64-row blocks per CTA of the wgmma kernel, which share one copy of the activations (from 9
+    tokens on): the most of 4 and 2 within ``cta_warpgroups`` that leave at least ``MIN_CTAS``
+    CTAs. Fixed rule, fitted to the H100 sweep of benchmarks/w4a8_config_nw.md (16-64 tokens:
+    two blocks best for K=N=8192, 7B qkv and 70B down, four for 7B gate_up at 32 tokens, one
+    for the 64 blocks of 7B o and down)."""
+    if m <= 8:
+        return 1
+    blocks = -(-n // ROWS)
+    return next((nw for nw in (4, 2) if nw <= cta_warpgroups(m, sub) and blocks // nw >= MIN_CTAS), 1)
+
+
+def cta_warpgroups(m: int, sub: int) -> int:
+    """Warpgroups one CTA of the wgmma kernel may hold at M tokens (``fits`` in w4a8_gemm.cu: four
+    have 128 registers per thread, enough up to 16 tokens, and up to 32 with ``sub`` = 1)."""
+    return 4 if m <= 16 or (m <= 32 and sub == 1) else 2
 
 
 WG_PER_SM, WG_PER_SM_WIDE = 4, 2
 MIN_CHUNKS = 4
-ROWS = 64  # weight rows per CTA (wgmma's M; WG_TILES 16-row tiles in plugins/w4a8_gemm.cu)
+MIN_CTAS = 64
+CTA_SPLIT_CHUNKS = 48
+ROWS = 64  # weight rows per row block (wgmma's M; WG_TILES 16-row tiles in plugins/w4a8_gemm.cu)
 
 
 def weight_to_fp8(w: W4A8Weight, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -280,10 +307,11 @@ def auto_path(m: int, n: int, kept_fp8: bool) -> str:
 
 
 def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, out_dtype: torch.dtype = torch.bfloat16,
-         splits: int | None = None, path: str = "auto") -> torch.Tensor:
+         splits: int | None = None, path: str = "auto", nw: int | None = None) -> torch.Tensor:
     """y [M, N] (``out_dtype`` bfloat16 or float32) of a float8_e4m3fn [M, K] (row stride a
     multiple of 16), a_scale float32 [M]; see the module docstring. ``path``: "auto" (by M),
-    "mma" (M <= ``MMA_MAX_M``) or "scaled_mm"."""
+    "mma" (M <= ``MMA_MAX_M``) or "scaled_mm". ``splits`` and ``nw`` (64-row blocks per CTA, 1, 2
+    or 4): the mma path's launch shape, ``default_splits`` and ``default_nw`` by default."""
     m, k = a.shape
     if k != w.k:
         raise ValueError(f"W4A8 gemm: activations have K={k}, the weight K={w.k}")
@@ -310,6 +338,10 @@ def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, out_dtype: torch
         raise ValueError(f"W4A8 mma path: needs M <= {MMA_MAX_M} and 16-byte aligned rows (M={m}, strides {a.stride()})")
     if splits is None:
         splits = default_splits(m, w.n, w.k, w.sub)
+    if nw is None:
+        nw = default_nw(m, w.n, w.k, w.sub)
+    if nw not in (1, 2, 4):
+        raise ValueError(f"W4A8 mma path: nw must be 1, 2 or 4 row blocks per CTA, got {nw}")
     splits = max(1, min(splits, w.kc))
     ws = workspace(a.device)
     part = ws.grow("partial", splits * m * w.wt.shape[0] * TILE_N) if splits > 1 else ws.partial
@@ -320,7 +352,7 @@ def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, out_dtype: torch
     rc = load_library().fp_export_w4a8_gemm(
         w.wt.data_ptr(), w.st.data_ptr(), a.data_ptr(), a_scale.data_ptr(), w.w_scale.data_ptr(), ptr(w.bias),
         ptr(lorc_t), ptr(w.lorc_u), rank, out.data_ptr(), int(out_dtype == torch.bfloat16), part.data_ptr(),
-        ws.counters.data_ptr(), m, w.n, w.k, a.stride(0), out.stride(0), w.kc, w.sub, splits, int(pdl.enabled(a.device)),
+        ws.counters.data_ptr(), m, w.n, w.k, a.stride(0), out.stride(0), w.kc, w.sub, splits, nw, int(pdl.enabled(a.device)),
         torch.cuda.current_stream(a.device).cuda_stream)
     if rc != 0:
         raise W4A8Unavailable(f"fp_export_w4a8_gemm failed with CUDA error {rc}")
