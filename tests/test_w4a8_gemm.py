@@ -205,3 +205,13 @@ def test_launch_rule_fits_the_kernel():
             (22016, 4096, 32): (1, 4), (4096, 11008, 16): (4, 1), (8192, 8192, 64): (1, 2), (22016, 4096, 64): (1, 2)}
     for (n, k, m), launch in best.items():
         assert (W.default_splits(m, n, k), W.default_nw(m, n, k)) == launch, (n, k, m)
+
+
+def test_auto_path_rule():
+    """The wgmma kernel up to 64 tokens, up to 128 where the row blocks share CTAs (K=N=8192, 7B
+    qkv/gate_up: faster than the per-call cast on the H100), the cast beyond 64 for the 64 blocks
+    of 7B o and down; up to 32 tokens with a kept FP8 copy (benchmarks/kernels.md)."""
+    for n in (4096, 8192, 12288, 22016, 57344):
+        assert W.auto_path(64, n, False) == "mma" and W.auto_path(129, n, False) == "scaled_mm"
+        assert W.auto_path(32, n, True) == "mma" and W.auto_path(33, n, True) == "scaled_mm"
+        assert W.auto_path(128, n, False) == ("scaled_mm" if n == 4096 else "mma")

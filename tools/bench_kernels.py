@@ -5,8 +5,8 @@ gate/up fused as the decode engine runs them; M in {1, 4, 16, 32, 64, 128, 1024,
 - BF16: cuBLAS (torch.matmul) on bf16 weights;
 - FP8: ``torch._scaled_mm`` on E4M3 weights with per-token / per-channel scales (W8A8);
 - W4A8: ``fp_export.runtime.w4a8_gemm.gemm`` on the packed FP4 weights ("auto", ``auto_path``:
-  the wgmma kernel up to ``MMA_M`` tokens, FP4 -> FP8 cast into a workspace + ``_scaled_mm``
-  beyond);
+  the wgmma kernel up to ``MMA_M`` tokens, up to ``MMA_MAX_M`` for weights whose row blocks share
+  CTAs, FP4 -> FP8 cast into a workspace + ``_scaled_mm`` beyond);
 - W4A8 keep-FP8 (M > ``MMA_M_KEPT``): the same with the FP8 copy kept (no per-call cast);
 - W4A8 mma (``MMA_M_KEPT`` < M <= ``MMA_MAX_M``): the wgmma kernel forced, the evidence for the rule.
 All take already-quantized FP8 activations (the quantizer is fused into the producing kernel in
@@ -93,9 +93,10 @@ def markdown(res):
     lines = [f"# W4A8 GEMM benchmark on {res['device']}", "",
              f"torch {res['torch']}; measured device-to-device copy bandwidth {res['copy_TBps']:.2f} TB/s (read + write). "
              "Times in us per call, each call timed inside a CUDA graph, weights L2-cold; median of 3 runs. "
-             f"W4A8 = FP4 shift-cast weights (group {GROUP}) x FP8 activations: the wgmma kernel for M <= {W.MMA_M}, "
-             f"cast + _scaled_mm beyond; keep-FP8 = the FP8 copy kept (the wgmma kernel up to {W.MMA_M_KEPT} tokens, "
-             f"_scaled_mm beyond); mma = the wgmma kernel forced (up to {W.MMA_MAX_M} tokens).", "",
+             f"W4A8 = FP4 shift-cast weights (group {GROUP}) x FP8 activations: the wgmma kernel for M <= {W.MMA_M} "
+             f"(<= {W.MMA_MAX_M} for N of 128 or more row blocks, `auto_path`), cast + _scaled_mm beyond; "
+             f"keep-FP8 = the FP8 copy kept (the wgmma kernel up to {W.MMA_M_KEPT} tokens, _scaled_mm beyond); "
+             f"mma = the wgmma kernel forced (up to {W.MMA_MAX_M} tokens).", "",
              "| shape | M | BF16 | FP8 | W4A8 | W4A8 keep-FP8 | W4A8 mma | vs BF16 | vs FP8 | W4A8 GB/s | % copy BW | spread |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["gemm"]:

@@ -10,13 +10,14 @@ token range:
   warpgroup starts at a different chunk of its K range); M 1, 4, 16 by default;
 - ``wide`` (17-128 tokens): ``FPX_STAGES``; M 32, 64, 128 by default, split counts 1-8 around the
   rule, and FP8 ``_scaled_mm`` (W8A8) timed in the committed build's process as the baseline.
-``--vary MACRO=V1,V2`` (repeatable) sweeps other macro values instead of the default set.
+``--vary MACRO=V1,V2`` (repeatable) sweeps other macro values instead of the default set; ``--nws 1,2,4``
+also times 64-row blocks per CTA (``w4a8_gemm.default_nw``; not for ``--previous``).
 The committed build is also timed with programmatic dependent launch off (``FP_EXPORT_PDL=0``).
 Writes ``<out>/w4a8_config[_wide].json`` and ``.md``: per variant and shape the best split count and
 its time, against the committed build in the same run.
 
     PYTHONPATH=$PWD python tools/sweep_w4a8.py --out benchmarks [--kernel wide] [--vary FPX_STAGES=4,6]
-        [--splits 1,2,4] [--shapes "70B qkv,70B gate_up"]
+        [--splits 1,2,4] [--nws 1,2,4] [--shapes "70B qkv,70B gate_up"]
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ DEFAULT_MS = {"few": "1,4,16", "wide": "32,64,128"}
 
 def child(ms: list[int], kernel: str, baseline: bool, splits_list: list[int] | None, shapes: dict,
           nws: list[int] | None) -> None:
-    """Time the library named by FP_EXPORT_W4A8_LIB; one JSON line per (shape, M, splits)."""
+    """Time the library named by FP_EXPORT_W4A8_LIB; one JSON line per (shape, M, splits, row blocks)."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -8,7 +8,8 @@ w_scale float32 [N] (``dq_scale`` of ``QuantizedWeight.to_shift_cast()``),
 t = a @ lorc_v^T float32 [M, r] and u = lorc_u [N, r] the optional LoRC factors, bias float32 [N].
 
 Two paths, chosen by the number of tokens M (fixed rules, no run-time tuning; ``auto_path``):
-- M <= ``MMA_M`` (``MMA_M_KEPT`` with a kept FP8 copy; decode, small batches): ``plugins/w4a8_gemm.cu``,
+- M <= ``MMA_M`` (``MMA_MAX_M`` for weights of 128 row blocks or more, ``MMA_M_KEPT`` with a kept FP8
+  copy; decode, small batches): ``plugins/w4a8_gemm.cu``,
   FP8 tensor cores through wgmma (m64nNk32, E5M2 x E4M3, FP32 accumulators) with the weights as
   wgmma's 64-row side in registers: each warp decodes its 16 rows' FP4 codes to E5M2 with one mask
   or two shifts and masks per four codes, the activations are read from shared memory as they were
@@ -57,7 +58,7 @@ from fp_export.runtime.kernels import PLUGINS, compile_cuda
 
 LIB_NAME = "libfp_export_w4a8.so"
 MMA_MAX_M = 128  # the wgmma kernel takes up to this many tokens (one launch per 64)
-MMA_M = 64  # "auto": the wgmma kernel up to this many tokens; H100: benchmarks/kernels.json, w4a8_config_wide.json
+MMA_M = 64  # "auto": the wgmma kernel up to this many tokens (MMA_MAX_M for wide weights; ``auto_path``)
 MMA_M_KEPT = 32  # ... and up to this many when the weight keeps an FP8 copy
 TILE_N, CHUNK_K = 16, 128
 MAG_AT = (1, 9, 17, 25, 4, 12, 20, 28)  # lowest bit of code i's 3 magnitude bits in its layout word
@@ -299,11 +300,15 @@ def weight_to_fp8(w: W4A8Weight, out: torch.Tensor | None = None) -> torch.Tenso
 
 def auto_path(m: int, n: int, kept_fp8: bool) -> str:
     """The "auto" path for M tokens and N output channels: "mma" (the wgmma kernel) or "scaled_mm".
-    H100 (benchmarks/kernels.json and w4a8_config_wide.json, L2-cold weights): the wgmma kernel is
-    at least as fast as FP8 ``_scaled_mm`` up to 32 tokens even on a kept FP8 copy (7B qkv about
-    equal, the other decode shapes 1.1-1.3x), and faster than the per-call FP4 -> FP8 cast up to 64;
-    at 128 tokens (two launches) the cast is faster."""
-    return "mma" if m <= (MMA_M_KEPT if kept_fp8 else MMA_M) else "scaled_mm"
+    H100 (benchmarks/kernels.json, L2-cold weights): the wgmma kernel is faster than FP8
+    ``_scaled_mm`` on a kept FP8 copy up to 32 tokens (1.2-2.0x on the eight shapes) and faster than
+    the per-call FP4 -> FP8 cast up to 64 tokens; up to ``MMA_MAX_M`` (two launches) where the
+    weight's row blocks share CTAs at 64 tokens (``default_nw``; 1.1-1.6x the cast at 128 tokens on
+    K=N=8192, 7B qkv and gate_up and the 70B shapes), not for the 64 blocks of K=N=4096 (7B o) and
+    7B down (0.73x and 0.93x the cast)."""
+    if kept_fp8:
+        return "mma" if m <= MMA_M_KEPT else "scaled_mm"
+    return "mma" if m <= (MMA_MAX_M if default_nw(MMA_M, n, 0) > 1 else MMA_M) else "scaled_mm"
 
 
 def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, out_dtype: torch.dtype = torch.bfloat16,
