@@ -197,14 +197,14 @@ def test_launch_rule_fits_the_kernel():
         for sub in (1, 2, 4):
             for n, k in ((8192, 8192), (12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (8192, 28672),
                          (96, 256), (17, 4096)):
-                splits, nw = W.default_splits(m, n, k, sub), W.default_nw(m, n, k, sub)
+                splits, nw = W.default_splits(m, n, k, sub), W.default_nw(m, n, sub)
                 assert nw == 1 or (m > 8 and nw <= W.cta_warpgroups(m, sub)), (m, sub, n, k, nw)
                 assert splits * nw <= W.cta_warpgroups(m, sub) or -(-k // 128) // splits >= W.CTA_SPLIT_CHUNKS
                 assert splits == 1 or -(-k // 128) // splits >= W.MIN_CHUNKS
     best = {(8192, 8192, 32): (2, 2), (12288, 4096, 16): (2, 2), (12288, 4096, 32): (1, 2), (4096, 4096, 32): (4, 1),
             (22016, 4096, 32): (1, 4), (4096, 11008, 16): (4, 1), (8192, 8192, 64): (1, 2), (22016, 4096, 64): (1, 2)}
     for (n, k, m), launch in best.items():
-        assert (W.default_splits(m, n, k), W.default_nw(m, n, k)) == launch, (n, k, m)
+        assert (W.default_splits(m, n, k), W.default_nw(m, n)) == launch, (n, k, m)
 
 
 def test_auto_path_rule():

@@ -69,7 +69,7 @@ def child(ms: list[int], kernel: str, baseline: bool, splits_list: list[int] | N
                                   "spread": spread(runs), "fp8": True}), flush=True)
                 del w8
             base = W.default_splits(m, n, k)
-            base_nw = W.default_nw(m, n, k)
+            base_nw = W.default_nw(m, n)
             near = set(splits_list) if splits_list else {max(1, base // 2), base, base * 2} | (
                 {1, 2, 4, 8} if kernel == "wide" else set())
             for nw, splits in itertools.product(nws or [base_nw], sorted(x for x in near if x <= ws[0].kc)):

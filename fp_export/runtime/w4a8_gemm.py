@@ -252,13 +252,13 @@ def default_splits(m: int, n: int, k: int, sub: int = 1, sms: int = 132) -> int:
     splits, limit = (4, WG_PER_SM) if m <= 16 else (4 if m <= 32 and sub == 1 else 2, WG_PER_SM_WIDE)
     while splits > 1 and blocks * splits > limit * sms:
         splits //= 2
-    per_cta = cta_warpgroups(m, sub) // default_nw(m, n, k, sub)
+    per_cta = cta_warpgroups(m, sub) // default_nw(m, n, sub)
     if splits > per_cta and kc // splits < CTA_SPLIT_CHUNKS:
         splits = per_cta
     return max(1, min(splits, kc // MIN_CHUNKS if kc >= MIN_CHUNKS else 1))
 
 
-def default_nw(m: int, n: int, k: int, sub: int = 1) -> int:
+def default_nw(m: int, n: int, sub: int = 1) -> int:
     """64-row blocks per CTA of the wgmma kernel, which share one copy of the activations (from 9
     tokens on): the most of 4 and 2 within ``cta_warpgroups`` that leave at least ``MIN_CTAS``
     CTAs. Fixed rule, fitted to the H100 sweep of benchmarks/w4a8_config_nw.md (16-64 tokens:
@@ -308,7 +308,7 @@ def auto_path(m: int, n: int, kept_fp8: bool) -> str:
     7B down (0.73x and 0.93x the cast)."""
     if kept_fp8:
         return "mma" if m <= MMA_M_KEPT else "scaled_mm"
-    return "mma" if m <= (MMA_MAX_M if default_nw(MMA_M, n, 0) > 1 else MMA_M) else "scaled_mm"
+    return "mma" if m <= (MMA_MAX_M if default_nw(MMA_M, n) > 1 else MMA_M) else "scaled_mm"
 
 
 def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, out_dtype: torch.dtype = torch.bfloat16,
@@ -344,7 +344,7 @@ def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, out_dtype: torch
     if splits is None:
         splits = default_splits(m, w.n, w.k, w.sub)
     if nw is None:
-        nw = default_nw(m, w.n, w.k, w.sub)
+        nw = default_nw(m, w.n, w.sub)
     if nw not in (1, 2, 4):
         raise ValueError(f"W4A8 mma path: nw must be 1, 2 or 4 row blocks per CTA, got {nw}")
     splits = max(1, min(splits, w.kc))
