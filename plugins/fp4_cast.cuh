@@ -1,5 +1,5 @@
 // fp-export: device helpers of the shift-based FP4 (E2M1) -> FP8 (E4M3) cast kernel
-// (fp4_to_fp8.cu). The W4A8 GEMM (w4a8_gemm.cu) decodes its own layout to FP16 instead.
+// (fp4_to_fp8.cu). The W4A8 GEMM (w4a8_gemm.cu) decodes its own layout to E5M2 instead.
 //
 // An E2M1 code s e1 e0 m maps to the E4M3 magnitude byte T[e1 e0 m] =
 // {0x00, 0x30, 0x38, 0x3C, 0x40, 0x44, 0x48, 0x4C} (0, 0.5, 1, 1.5, 2, 3, 4, 6); multiplying by

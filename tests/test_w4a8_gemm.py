@@ -208,10 +208,12 @@ def test_launch_rule_fits_the_kernel():
 
 
 def test_auto_path_rule():
-    """The wgmma kernel up to 64 tokens, up to 128 where the row blocks share CTAs (K=N=8192, 7B
-    qkv/gate_up: faster than the per-call cast on the H100), the cast beyond 64 for the 64 blocks
-    of 7B o and down; up to 32 tokens with a kept FP8 copy (benchmarks/kernels.md)."""
-    for n in (4096, 8192, 12288, 22016, 57344):
-        assert W.auto_path(64, n, False) == "mma" and W.auto_path(129, n, False) == "scaled_mm"
-        assert W.auto_path(32, n, True) == "mma" and W.auto_path(33, n, True) == "scaled_mm"
-        assert W.auto_path(128, n, False) == ("scaled_mm" if n == 4096 else "mma")
+    """The wgmma kernel up to 64 tokens, up to 128 for the wide 70B weights (faster than the per-call
+    cast on the H100), the cast beyond 64 for K=N=8192 and the 7B shapes; up to 32 tokens with a kept
+    FP8 copy (benchmarks/kernels.md)."""
+    shapes = {(4096, 4096): False, (8192, 8192): False, (12288, 4096): False, (22016, 4096): False,
+              (4096, 11008): False, (10240, 8192): True, (57344, 8192): True, (8192, 28672): True}
+    for (n, k), wide in shapes.items():
+        assert W.auto_path(64, n, k, False) == "mma" and W.auto_path(129, n, k, False) == "scaled_mm"
+        assert W.auto_path(32, n, k, True) == "mma" and W.auto_path(33, n, k, True) == "scaled_mm"
+        assert W.auto_path(128, n, k, False) == ("mma" if wide else "scaled_mm")

@@ -18,6 +18,7 @@ Usage: python tools/bench_decode.py --checkpoint CKPT [--out benchmarks]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -69,41 +70,67 @@ def time_decode(eng: DecodeEngine, vocab: int, batch: int, steps: int, runs: int
             "runs_ms": [x * 1e3 for x in per_run]}
 
 
-def time_prefill(eng: DecodeEngine, vocab: int, tokens: int = 2048, runs: int = 7) -> dict:
-    ids = torch.randint(0, vocab, (1, tokens))
-    eng.prefill(ids, 1)
-    torch.cuda.synchronize()
-    per_run = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        eng.prefill(ids, 1)
-        torch.cuda.synchronize()
-        per_run.append(time.perf_counter() - t0)
-    t = statistics.median(per_run)
-    return {"tokens": tokens, "ms": t * 1e3, "tok_s": tokens / t, "spread": spread(per_run)}
-
-
-def bench_model(name, model, kinds: dict, vocab: int, steps: int, prefill: bool) -> dict:
-    res = {}
-    for kind, kw in kinds.items():
-        kw = dict(kw)
-        before = os.environ.get("FP_EXPORT_PDL")
-        if not kw.pop("pdl", True):
-            os.environ["FP_EXPORT_PDL"] = "0"
-        eng = DecodeEngine(model, **kw)
-        r = {"decode": [time_decode(eng, vocab, b, steps) for b in BATCHES]}
-        if prefill:
-            r["prefill"] = time_prefill(eng, vocab)
+@contextlib.contextmanager
+def pdl_env(on: bool):
+    """FP_EXPORT_PDL=0 inside the block when ``on`` is false (``runtime.pdl`` reads it per launch)."""
+    before = os.environ.get("FP_EXPORT_PDL")
+    if not on:
+        os.environ["FP_EXPORT_PDL"] = "0"
+    try:
+        yield
+    finally:
         if before is None:
             os.environ.pop("FP_EXPORT_PDL", None)
         else:
             os.environ["FP_EXPORT_PDL"] = before
+
+
+def time_prefill(engines: dict, vocab: int, tokens: int = 2048, rounds: int = 7) -> dict:
+    """Prefill of one ``tokens``-token prompt per engine ({kind: (engine, pdl)}), timed in
+    ``rounds`` rounds that take the engines in turn, so that drifting GPU clocks and power reach
+    every kind alike. -> {kind: {"tokens", "ms" (median), "tok_s", "spread"}}."""
+    ids = torch.randint(0, vocab, (1, tokens))
+    per_run = {kind: [] for kind in engines}
+    for r in range(rounds + 1):  # round 0 warms up (kernels, workspaces, the cache)
+        for kind, (eng, on) in engines.items():
+            with pdl_env(on):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                eng.prefill(ids, 1)
+                torch.cuda.synchronize()
+                if r:
+                    per_run[kind].append(time.perf_counter() - t0)
+    out = {}
+    for kind, xs in per_run.items():
+        t = statistics.median(xs)
+        out[kind] = {"tokens": tokens, "ms": t * 1e3, "tok_s": tokens / t, "spread": spread(xs)}
+    return out
+
+
+def bench_model(name, model, kinds: dict, vocab: int, steps: int, prefill: bool) -> dict:
+    """Decode timings of each kind ({kind: DecodeEngine kwargs, "pdl": False to turn PDL off}),
+    one engine at a time; with ``prefill``, the engines are kept (their KV caches and graphs freed)
+    and their prefills timed in turn afterwards (``time_prefill``)."""
+    res, engines = {}, {}
+    for kind, kw in kinds.items():
+        kw = dict(kw)
+        on = kw.pop("pdl", True)
+        with pdl_env(on):
+            eng = DecodeEngine(model, **kw)
+            res[kind] = {"decode": [time_decode(eng, vocab, b, steps) for b in BATCHES]}
         eng.release()
+        if prefill:
+            engines[kind] = (eng, on)
         del eng
         torch.cuda.empty_cache()
-        res[kind] = r
-        print(name, kind, " ".join(f"b{d['batch']}: {d['tok_s']:.0f} tok/s {d['ms_per_step']:.2f} ms" for d in r["decode"]),
-              f"prefill {r['prefill']['tok_s']:.0f} tok/s" if prefill else "", flush=True)
+        print(name, kind, " ".join(f"b{d['batch']}: {d['tok_s']:.0f} tok/s {d['ms_per_step']:.2f} ms"
+                                   for d in res[kind]["decode"]), flush=True)
+    if prefill:
+        for kind, p in time_prefill(engines, vocab).items():
+            res[kind]["prefill"] = p
+            print(name, kind, f"prefill {p['tok_s']:.0f} tok/s", flush=True)
+        for eng, _ in engines.values():
+            eng.release()
     return res
 
 
@@ -129,7 +156,7 @@ def markdown(res: dict) -> str:
                 for d, w in zip(r["w4a8_no_pdl"]["decode"], r["w4a8"]["decode"]))]
         if "prefill" in r["bf16"]:
             p = {k: r[k]["prefill"] for k in r if "prefill" in r[k]}
-            lines += ["", "Prefill, 2048 tokens (eager, median of 7 runs): " + ", ".join(
+            lines += ["", "Prefill, 2048 tokens (eager; median of 7 rounds that take the kinds in turn): " + ", ".join(
                 f"{k} {p[k]['tok_s']:.0f} tok/s" for k in p) + f"; W4A8 vs FP8 {p['w4a8']['tok_s'] / p['fp8']['tok_s']:.2f}x"
                 f" (spread up to {max(x['spread'] for x in p.values()):.0%})", ""]
         lines.append("")

@@ -5,10 +5,11 @@ gate/up fused as the decode engine runs them; M in {1, 4, 16, 32, 64, 128, 1024,
 - BF16: cuBLAS (torch.matmul) on bf16 weights;
 - FP8: ``torch._scaled_mm`` on E4M3 weights with per-token / per-channel scales (W8A8);
 - W4A8: ``fp_export.runtime.w4a8_gemm.gemm`` on the packed FP4 weights ("auto", ``auto_path``:
-  the wgmma kernel up to ``MMA_M`` tokens, up to ``MMA_MAX_M`` for weights whose row blocks share
-  CTAs, FP4 -> FP8 cast into a workspace + ``_scaled_mm`` beyond);
+  the wgmma kernel up to ``MMA_M`` tokens, up to ``MMA_MAX_M`` for wide weights, FP4 -> FP8 cast
+  into a workspace + ``_scaled_mm`` beyond);
 - W4A8 keep-FP8 (M > ``MMA_M_KEPT``): the same with the FP8 copy kept (no per-call cast);
-- W4A8 mma (``MMA_M_KEPT`` < M <= ``MMA_MAX_M``): the wgmma kernel forced, the evidence for the rule.
+- W4A8 mma and W4A8 cast (``MMA_M_KEPT`` < M <= ``MMA_MAX_M``): the wgmma kernel and the per-call
+  cast + ``_scaled_mm`` forced, the evidence for the rule.
 All take already-quantized FP8 activations (the quantizer is fused into the producing kernel in
 the engine). Every call is timed inside a CUDA graph of 20 calls (no Python launch overhead, as in
 the engine), weights rotating over enough copies that no call finds its weights in L2; median of
@@ -64,12 +65,13 @@ def bench_shape(name, n, k, dev, copy_tbps):
         res["w4a8"] = graph_time_us([lambda w=w: W.gemm(xq, xs, w) for w in w4], **kw)
         if W.MMA_M_KEPT < m <= W.MMA_MAX_M:
             res["w4a8_mma"] = graph_time_us([lambda w=w: W.gemm(xq, xs, w, path="mma") for w in w4], **kw)
+            res["w4a8_cast"] = graph_time_us([lambda w=w: W.gemm(xq, xs, w, path="scaled_mm") for w in w4], **kw)
         if m > W.MMA_M_KEPT:
             kept = [W.W4A8Weight(w.wt, w.st, w.w_scale, w.n, w.k, w.sub, fp8=f) for w, f in zip(w4, w8)]
             res["w4a8_keep_fp8"] = graph_time_us([lambda w=w: W.gemm(xq, xs, w) for w in kept], **kw)
         wbytes = n * k // 2 + n * (k // GROUP)
         t = res["w4a8"][0]
-        row = {"shape": name, "M": m, "N": n, "K": k, "path": "mma" if W.auto_path(m, n, False) == "mma" else "cast+scaled_mm",
+        row = {"shape": name, "M": m, "N": n, "K": k, "path": "mma" if W.auto_path(m, n, k, False) == "mma" else "cast+scaled_mm",
                **{f"{key}_us": v[0] for key, v in res.items()}, **{f"{key}_runs_us": v[1] for key, v in res.items()},
                "spread_max": max(spread(v[1]) for v in res.values()),
                "w4a8_vs_bf16": res["bf16"][0] / t, "w4a8_vs_fp8": res["fp8"][0] / t,
@@ -83,7 +85,7 @@ def bench_shape(name, n, k, dev, copy_tbps):
         print(f"{name:12s} M={m:5d}: bf16 {res['bf16'][0]:8.1f} fp8 {res['fp8'][0]:8.1f} w4a8 {t:8.1f} us "
               f"({row['w4a8_vs_bf16']:.2f}x bf16, {row['w4a8_vs_fp8']:.2f}x fp8, {row['w4a8_frac_copy_bw']:.0%} of copy BW)"
               + (f" keep-fp8 {res['w4a8_keep_fp8'][0]:.1f}" if "w4a8_keep_fp8" in res else "")
-              + (f" mma {res['w4a8_mma'][0]:.1f}" if "w4a8_mma" in res else ""), flush=True)
+              + (f" mma {res['w4a8_mma'][0]:.1f} cast {res['w4a8_cast'][0]:.1f}" if "w4a8_mma" in res else ""), flush=True)
     del w4, w8, wb
     torch.cuda.empty_cache()
     return rows
@@ -94,16 +96,17 @@ def markdown(res):
              f"torch {res['torch']}; measured device-to-device copy bandwidth {res['copy_TBps']:.2f} TB/s (read + write). "
              "Times in us per call, each call timed inside a CUDA graph, weights L2-cold; median of 3 runs. "
              f"W4A8 = FP4 shift-cast weights (group {GROUP}) x FP8 activations: the wgmma kernel for M <= {W.MMA_M} "
-             f"(<= {W.MMA_MAX_M} for N of 128 or more row blocks, `auto_path`), cast + _scaled_mm beyond; "
+             f"(<= {W.MMA_MAX_M} for K >= {W.MMA_WIDE_K} and N x K > {W.MMA_WIDE_K}^2, `auto_path`), cast + _scaled_mm beyond; "
              f"keep-FP8 = the FP8 copy kept (the wgmma kernel up to {W.MMA_M_KEPT} tokens, _scaled_mm beyond); "
-             f"mma = the wgmma kernel forced (up to {W.MMA_MAX_M} tokens).", "",
-             "| shape | M | BF16 | FP8 | W4A8 | W4A8 keep-FP8 | W4A8 mma | vs BF16 | vs FP8 | W4A8 GB/s | % copy BW | spread |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"mma, cast = the wgmma kernel, the per-call cast + _scaled_mm forced ({W.MMA_M_KEPT + 1}-{W.MMA_MAX_M} tokens).", "",
+             "| shape | M | BF16 | FP8 | W4A8 | W4A8 keep-FP8 | W4A8 mma | W4A8 cast | vs BF16 | vs FP8 | W4A8 GB/s | % copy BW | spread |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["gemm"]:
         keep = f"{r['w4a8_keep_fp8_us']:.1f}" if "w4a8_keep_fp8_us" in r else "-"
         mma = f"{r['w4a8_mma_us']:.1f}" if "w4a8_mma_us" in r else "-"
+        cast = f"{r['w4a8_cast_us']:.1f}" if "w4a8_cast_us" in r else "-"
         lines.append(f"| {r['shape']} ({r['N']}x{r['K']}) | {r['M']} | {r['bf16_us']:.1f} | {r['fp8_us']:.1f} | {r['w4a8_us']:.1f} "
-                     f"| {keep} | {mma} | {r['w4a8_vs_bf16']:.2f}x | {r['w4a8_vs_fp8']:.2f}x | {r['w4a8_GBps']:.0f} "
+                     f"| {keep} | {mma} | {cast} | {r['w4a8_vs_bf16']:.2f}x | {r['w4a8_vs_fp8']:.2f}x | {r['w4a8_GBps']:.0f} "
                      f"| {r['w4a8_frac_copy_bw']:.0%} | {r['spread_max']:.1%} |")
     return "\n".join(lines) + "\n"
 

@@ -8,7 +8,7 @@ w_scale float32 [N] (``dq_scale`` of ``QuantizedWeight.to_shift_cast()``),
 t = a @ lorc_v^T float32 [M, r] and u = lorc_u [N, r] the optional LoRC factors, bias float32 [N].
 
 Two paths, chosen by the number of tokens M (fixed rules, no run-time tuning; ``auto_path``):
-- M <= ``MMA_M`` (``MMA_MAX_M`` for weights of 128 row blocks or more, ``MMA_M_KEPT`` with a kept FP8
+- M <= ``MMA_M`` (``MMA_MAX_M`` for wide weights, ``MMA_M_KEPT`` with a kept FP8
   copy; decode, small batches): ``plugins/w4a8_gemm.cu``,
   FP8 tensor cores through wgmma (m64nNk32, E5M2 x E4M3, FP32 accumulators) with the weights as
   wgmma's 64-row side in registers: each warp decodes its 16 rows' FP4 codes to E5M2 with one mask
@@ -23,7 +23,7 @@ Two paths, chosen by the number of tokens M (fixed rules, no run-time tuning; ``
   truncates its fused sums to 13 bits below their largest term, so the result's relative error is
   about 1e-4 (that of cuBLASLt FP8 GEMMs), not FP32's.
 - otherwise (prefill): the weights are cast to FP8 once per call (``weight_to_fp8``, the same
-  decode) into a shared workspace, or taken from a kept FP8 copy, and multiplied with
+  decode, at 87% of copy bandwidth on the H100) into a shared workspace, or taken from a kept FP8 copy, and multiplied with
   ``torch._scaled_mm`` (cuBLASLt, FP8 wgmma).
 
 Layout (``prepare``, pure torch, so it is tested on the CPU): the weight rows are padded to a
@@ -59,6 +59,7 @@ from fp_export.runtime.kernels import PLUGINS, compile_cuda
 LIB_NAME = "libfp_export_w4a8.so"
 MMA_MAX_M = 128  # the wgmma kernel takes up to this many tokens (one launch per 64)
 MMA_M = 64  # "auto": the wgmma kernel up to this many tokens (MMA_MAX_M for wide weights; ``auto_path``)
+MMA_WIDE_K, MMA_WIDE_WEIGHTS = 8192, 8192 * 8192  # wide: K >= this and N * K > that
 MMA_M_KEPT = 32  # ... and up to this many when the weight keeps an FP8 copy
 TILE_N, CHUNK_K = 16, 128
 MAG_AT = (1, 9, 17, 25, 4, 12, 20, 28)  # lowest bit of code i's 3 magnitude bits in its layout word
@@ -298,17 +299,18 @@ def weight_to_fp8(w: W4A8Weight, out: torch.Tensor | None = None) -> torch.Tenso
     return out.view(torch.float8_e4m3fn)
 
 
-def auto_path(m: int, n: int, kept_fp8: bool) -> str:
-    """The "auto" path for M tokens and N output channels: "mma" (the wgmma kernel) or "scaled_mm".
+def auto_path(m: int, n: int, k: int, kept_fp8: bool) -> str:
+    """The "auto" path for M tokens and an N x K weight: "mma" (the wgmma kernel) or "scaled_mm".
     H100 (benchmarks/kernels.json, L2-cold weights): the wgmma kernel is faster than FP8
     ``_scaled_mm`` on a kept FP8 copy up to 32 tokens (1.2-2.0x on the eight shapes) and faster than
-    the per-call FP4 -> FP8 cast up to 64 tokens; up to ``MMA_MAX_M`` (two launches) where the
-    weight's row blocks share CTAs at 64 tokens (``default_nw``; 1.1-1.6x the cast at 128 tokens on
-    K=N=8192, 7B qkv and gate_up and the 70B shapes), not for the 64 blocks of K=N=4096 (7B o) and
-    7B down (0.73x and 0.93x the cast)."""
+    the per-call FP4 -> FP8 cast up to 64 tokens; up to ``MMA_MAX_M`` (two launches) for weights
+    longer than ``MMA_WIDE_K`` and larger than ``MMA_WIDE_WEIGHTS`` (at 128 tokens 1.06-1.26x the
+    cast on the three 70B shapes), not for the others, where the cast was 1.0-1.8x faster (K=N=8192
+    and 7B qkv 1.14x, 7B gate_up 1.05x, K=N=4096 and 7B down 1.7x and 1.5x)."""
     if kept_fp8:
         return "mma" if m <= MMA_M_KEPT else "scaled_mm"
-    return "mma" if m <= (MMA_MAX_M if default_nw(MMA_M, n) > 1 else MMA_M) else "scaled_mm"
+    wide = k >= MMA_WIDE_K and n * k > MMA_WIDE_WEIGHTS
+    return "mma" if m <= (MMA_MAX_M if wide else MMA_M) else "scaled_mm"
 
 
 def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, out_dtype: torch.dtype = torch.bfloat16,
@@ -321,7 +323,7 @@ def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, out_dtype: torch
     if k != w.k:
         raise ValueError(f"W4A8 gemm: activations have K={k}, the weight K={w.k}")
     if path == "auto":
-        path = auto_path(m, w.n, w.fp8 is not None)
+        path = auto_path(m, w.n, w.k, w.fp8 is not None)
     lorc_t = None
     if w.lorc_u is not None:
         lorc_t = torch.mm(a.float(), w.lorc_v.T)
