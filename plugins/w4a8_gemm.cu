@@ -636,7 +636,8 @@ extern "C" int fp_export_w4a8_weight_to_fp8(const void* wt, const int8_t* st, ui
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const int64_t tasks = static_cast<int64_t>((n + 15) / 16) * kc;  // one warp each
   const int threads = CAST_WARPS * 32;
-  const int blocks = static_cast<int>(std::min<int64_t>((tasks + CAST_WARPS - 1) / CAST_WARPS, static_cast<int64_t>(sms) * 8));
+  const int blocks =
+      static_cast<int>(std::min<int64_t>((tasks + CAST_WARPS - 1) / CAST_WARPS, static_cast<int64_t>(sms) * 8));
   const uint4* w = static_cast<const uint4*>(wt);
   switch (sub) {
     case 1: weight_to_fp8_kernel<1><<<blocks, threads, 0, stream>>>(w, st, out, n, k, kc); break;

@@ -23,8 +23,8 @@ Two paths, chosen by the number of tokens M (fixed rules, no run-time tuning; ``
   truncates its fused sums to 13 bits below their largest term, so the result's relative error is
   about 1e-4 (that of cuBLASLt FP8 GEMMs), not FP32's.
 - otherwise (prefill): the weights are cast to FP8 once per call (``weight_to_fp8``, the same
-  decode, at 87% of copy bandwidth on the H100) into a shared workspace, or taken from a kept FP8 copy, and multiplied with
-  ``torch._scaled_mm`` (cuBLASLt, FP8 wgmma).
+  decode, at 87% of copy bandwidth on the H100) into a shared workspace, or taken from a kept FP8
+  copy, and multiplied with ``torch._scaled_mm`` (cuBLASLt, FP8 wgmma).
 
 Layout (``prepare``, pure torch, so it is tested on the CPU): the weight rows are padded to a
 multiple of 16 and K to a multiple of 128 with zero codes; for 16-row tile T and 128-wide chunk c,
@@ -306,7 +306,7 @@ def auto_path(m: int, n: int, k: int, kept_fp8: bool) -> str:
     the per-call FP4 -> FP8 cast up to 64 tokens; up to ``MMA_MAX_M`` (two launches) for weights
     longer than ``MMA_WIDE_K`` and larger than ``MMA_WIDE_WEIGHTS`` (at 128 tokens 1.06-1.26x the
     cast on the three 70B shapes), not for the others, where the cast was 1.0-1.8x faster (K=N=8192
-    and 7B qkv 1.14x, 7B gate_up 1.05x, K=N=4096 and 7B down 1.7x and 1.5x)."""
+    and 7B qkv 1.13x and 1.14x, 7B gate_up 1.05x, K=N=4096 and 7B down 1.8x and 1.5x)."""
     if kept_fp8:
         return "mma" if m <= MMA_M_KEPT else "scaled_mm"
     wide = k >= MMA_WIDE_K and n * k > MMA_WIDE_WEIGHTS
