@@ -178,7 +178,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return (q8, s) if quantize else out
 
 
-
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                pos0: torch.Tensor) -> torch.Tensor:
     """``decode_attention``'s value in float64 (PyTorch ops, any device): float64 [B, NH * D]."""
