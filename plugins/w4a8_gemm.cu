@@ -1,4 +1,6 @@
-// fp-export: W4A8 GEMM for up to 128 tokens on Hopper (sm_90a) FP8 tensor cores (wgmma).
+// fp-export: W4A8 GEMM on Hopper (sm_90a) FP8 tensor cores (wgmma): up to 128 tokens in launches of up to 64
+// (w4a8_gemm_kernel), more in one launch of 128-token blocks fed by the Tensor Memory Accelerator
+// (w4a8_tiled_kernel, below), both on the same per-chunk multiply (chunk_mma).
 //
 // C^T = W A^T on wgmma.mma_async m64nNk32 (N = 8, 16, 32, 64 tokens; f32 accumulators): the weights
 // are wgmma's 64-row A side, taken from registers, where each warp of a warpgroup decodes its 16
@@ -37,6 +39,8 @@
 // deterministic. More than 64 tokens: one launch per 64.
 #include "w4a8_gemm.h"
 
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -47,7 +51,8 @@ namespace {
 
 constexpr int WG_THREADS = 128;  // one warpgroup: 4 warps, one 16-row tile each
 constexpr int WG_TILES = 4;      // 16-row tiles per CTA (wgmma's 64 rows)
-constexpr int MAX_M = 64;        // tokens per launch (wgmma N = 64)
+constexpr int MAX_M = 64;        // tokens per launch (wgmma N = 64) up to TILED_FROM tokens
+constexpr int TILED_FROM = 128;  // more tokens: one launch of w4a8_tiled_kernel
 
 // Offline-tuned constants (tools/sweep_w4a8.py builds variants with -D and times them on L2-cold
 // weights; benchmarks/w4a8_config.md): pipeline stages (128-wide K chunks per warpgroup; even, as the
@@ -63,7 +68,15 @@ constexpr int MAX_M = 64;        // tokens per launch (wgmma N = 64)
 #ifndef FPX_EVICT_FIRST
 #define FPX_EVICT_FIRST 1
 #endif
+// The tiled kernel (more than 128 tokens): its pipeline stages, and the column blocks of its CTA order.
+#ifndef FPX_TILE_STAGES
+#define FPX_TILE_STAGES 4
+#endif
+#ifndef FPX_RASTER
+#define FPX_RASTER 16
+#endif
 static_assert(FPX_STAGES % 2 == 0 && FPX_STAGES >= 4, "FPX_STAGES: even, at least 4");
+static_assert(FPX_TILE_STAGES % 2 == 0 && FPX_TILE_STAGES >= 4, "FPX_TILE_STAGES: even, at least 4");
 
 // Shared memory of one pipeline stage (one K chunk of one ring): the 4 NW tiles' weights (1 KB
 // each), their shifts (16 rows x SUB bytes each) and the activations of 8 * NT tokens in wgmma's
@@ -212,6 +225,68 @@ __device__ __forceinline__ void wgmma<8, true>(float (&d)[8][4], const uint32_t 
                : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 }
+template <>
+__device__ __forceinline__ void wgmma<16, false>(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k32.f32.e5m2.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, 0, 1, 1;\n"
+               : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]), "=f"(d[1][2]), "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]), "=f"(d[3][0]), "=f"(d[3][1]), "=f"(d[3][2]), "=f"(d[3][3]), "=f"(d[4][0]), "=f"(d[4][1]), "=f"(d[4][2]), "=f"(d[4][3]), "=f"(d[5][0]), "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]), "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]), "=f"(d[7][0]), "=f"(d[7][1]), "=f"(d[7][2]), "=f"(d[7][3]), "=f"(d[8][0]), "=f"(d[8][1]), "=f"(d[8][2]), "=f"(d[8][3]), "=f"(d[9][0]), "=f"(d[9][1]), "=f"(d[9][2]), "=f"(d[9][3]), "=f"(d[10][0]), "=f"(d[10][1]), "=f"(d[10][2]), "=f"(d[10][3]), "=f"(d[11][0]), "=f"(d[11][1]), "=f"(d[11][2]), "=f"(d[11][3]), "=f"(d[12][0]), "=f"(d[12][1]), "=f"(d[12][2]), "=f"(d[12][3]), "=f"(d[13][0]), "=f"(d[13][1]), "=f"(d[13][2]), "=f"(d[13][3]), "=f"(d[14][0]), "=f"(d[14][1]), "=f"(d[14][2]), "=f"(d[14][3]), "=f"(d[15][0]), "=f"(d[15][1]), "=f"(d[15][2]), "=f"(d[15][3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+template <>
+__device__ __forceinline__ void wgmma<16, true>(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k32.f32.e5m2.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, 1, 1, 1;\n"
+               : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+
+// A chunk's group sums, times their scales, into the accumulators (after its wgmmas completed).
+template <int NT, int SUB>
+__device__ __forceinline__ void promote(float (&acc)[NT][4], const float (&part)[SUB][NT][4], const float (&ps)[SUB][2]) {
+#pragma unroll
+  for (int q = 0; q < SUB; ++q)
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      acc[n][0] = fmaf(part[q][n][0], ps[q][0], acc[n][0]);
+      acc[n][1] = fmaf(part[q][n][1], ps[q][0], acc[n][1]);
+      acc[n][2] = fmaf(part[q][n][2], ps[q][1], acc[n][2]);
+      acc[n][3] = fmaf(part[q][n][3], ps[q][1], acc[n][3]);
+    }
+}
+
+// One 128-wide K chunk of a warp's 16-row tile in its warpgroup's wgmmas: decodes the chunk's 64
+// codes (wv: the tile's 1 KB of the chunk in shared memory) into frag (the chunk's set of registers;
+// the previous chunk's wgmmas may still read the other set), waits for the previous chunk's wgmmas
+// and adds their group sums (prev), takes the chunk's group scales (sc: the tile's 16 x SUB shifts),
+// and issues the chunk's wgmmas against the activations at wgmma descriptor desc, whose k32 step j
+// starts at desc + j * step. Each 32-code group's sum starts from zero (the zeroing wgmma) in
+// registers of its own (part).
+template <int NT, int SUB>
+__device__ __forceinline__ void chunk_mma(float (&acc)[NT][4], float (&part)[SUB][NT][4], float (&ps)[SUB][2],
+                                          uint32_t (&frag)[4][4], const uint4* wv, const int8_t* sc, uint64_t desc,
+                                          uint32_t step, bool prev, int lane, int g) {
+  constexpr int STEPS = 4 / SUB;  // wgmma k32 steps per group
+  const uint4 w0 = wv[lane], w1 = wv[lane + 32];
+  const uint32_t W0[4] = {w0.x, w0.y, w0.z, w0.w}, W1[4] = {w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    decode(W0[j], frag[j][0], frag[j][2]);
+    decode(W1[j], frag[j][1], frag[j][3]);
+  }
+  wgmma_wait<0>();  // the previous chunk's wgmmas have completed
+  if (prev) promote<NT, SUB>(acc, part, ps);
+#pragma unroll
+  for (int q = 0; q < SUB; ++q) {
+    ps[q][0] = group_scale(sc[g * SUB + q]);
+    ps[q][1] = group_scale(sc[(g + 8) * SUB + q]);
+  }
+  wgmma_fence();
+#pragma unroll
+  for (int q = 0; q < SUB; ++q) {
+    wgmma<NT, false>(part[q], frag[q * STEPS], desc + q * STEPS * step);
+#pragma unroll
+    for (int u = 1; u < STEPS; ++u) wgmma<NT, true>(part[q], frag[q * STEPS + u], desc + (q * STEPS + u) * step);
+  }
+  wgmma_commit();
+}
 
 // The cp.async ring that a ring's warpgroups run over `chunks` K chunks, S stages of BYTES each:
 // load(i, stage, weights, acts) copies the i-th chunk of the caller's order into the stage at byte
@@ -266,6 +341,16 @@ struct Epilogue {
   int M, N, ldo;
 };
 
+// The epilogue of tokens m0 .. m0 + mb - 1 of `e` (one launch or token block of a larger M).
+__host__ __device__ __forceinline__ Epilogue tokens_from(const Epilogue& e, int m0, int mb) {
+  Epilogue r = e;
+  r.a_scale += m0;
+  if (e.lorc_rank > 0) r.lorc_t += static_cast<size_t>(m0) * e.lorc_rank;
+  r.out = static_cast<uint8_t*>(e.out) + static_cast<size_t>(m0) * e.ldo * (e.out_bf16 ? 2 : 4);
+  r.M = mb;
+  return r;
+}
+
 // acc[j][i]: row n = tile*16 + g + 8*(i >> 1), token m = 8j + 2t + (i & 1). With K split over
 // gridDim.y CTAs, each CTA stores its partial sums in the workspace and the last CTA of its column
 // block (blockIdx.x; an arrival counter, reset by that CTA) adds them in split order
@@ -308,20 +393,35 @@ __device__ __forceinline__ void epilogue(float (&acc)[NT][4], const Epilogue& p,
     }
   }
   if (tile >= ntiles) return;
+  // The thread's scales and bias, loaded before any store (which the compiler could not move them past)
+  float as[NT][2], wsc[2], bn[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int n = tile * 16 + g + 8 * h;
+    wsc[h] = n < p.N ? p.w_scale[n] : 0.f;
+    bn[h] = n < p.N && p.bias != nullptr ? p.bias[n] : 0.f;
+  }
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int m = 8 * j + 2 * t + e;
+      as[j][e] = m < M ? p.a_scale[m] : 0.f;
+    }
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int m = 8 * j + 2 * t + (i & 1), n = tile * 16 + g + 8 * (i >> 1);
       if (m >= M || n >= p.N) continue;
-      const float as = p.a_scale[m];
-      float y = acc[j][i] * as * p.w_scale[n];
+      const float a_s = as[j][i & 1];
+      float y = acc[j][i] * a_s * wsc[i >> 1];
       if (p.lorc_rank > 0) {
         float z = 0.f;
         for (int r = 0; r < p.lorc_rank; ++r) z += p.lorc_t[m * p.lorc_rank + r] * p.lorc_u[n * p.lorc_rank + r];
-        y += z * as;
+        y += z * a_s;
       }
-      if (p.bias != nullptr) y += p.bias[n];
+      if (p.bias != nullptr) y += bn[i >> 1];
       if (p.out_bf16)
         reinterpret_cast<__nv_bfloat16*>(p.out)[static_cast<size_t>(m) * p.ldo + n] = __float2bfloat16_rn(y);
       else
@@ -343,7 +443,7 @@ __global__ void __launch_bounds__(KW * NW * WG_THREADS, NT <= 2 ? 4 / (KW * NW) 
                                                                      const uint8_t* __restrict__ a, int K, int lda,
                                                                      int KC, int chunks_per_split, const Epilogue ep) {
   using L = Stage<NT, SUB, NW>;
-  constexpr int S = FPX_STAGES, STEPS = 4 / SUB;   // wgmma k32 steps per group
+  constexpr int S = FPX_STAGES;
   constexpr int RING = NW * WG_THREADS;              // threads per ring
   constexpr int AV = (64 * NT + RING - 1) / RING;    // activation vectors per thread per chunk
   extern __shared__ __align__(128) uint8_t smem[];
@@ -418,55 +518,17 @@ __global__ void __launch_bounds__(KW * NW * WG_THREADS, NT <= 2 ? 4 / (KW * NW) 
       }
   };
 
-  // The chunk's group sums, times their scales, into the accumulators (after the wgmmas completed).
-  auto promote = [&] {
-#pragma unroll
-    for (int q = 0; q < SUB; ++q)
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        acc[n][0] = fmaf(part[q][n][0], ps[q][0], acc[n][0]);
-        acc[n][1] = fmaf(part[q][n][1], ps[q][0], acc[n][1]);
-        acc[n][2] = fmaf(part[q][n][2], ps[q][1], acc[n][2]);
-        acc[n][3] = fmaf(part[q][n][3], ps[q][1], acc[n][3]);
-      }
-  };
   uint32_t frag[2][4][4];  // [chunk parity][wgmma step][register]: decoded while the previous chunk's wgmmas run
   auto compute = [&](uint32_t rd, int s, int i) {
-    const int b = s & 1;  // S is even: the parity of the chunk
-    const uint8_t* stage = ring + rd;
-    const uint4* wv = reinterpret_cast<const uint4*>(stage + L::W) + wq * 64;
-    const uint4 w0 = wv[lane], w1 = wv[lane + 32];
-    const uint32_t W0[4] = {w0.x, w0.y, w0.z, w0.w}, W1[4] = {w1.x, w1.y, w1.z, w1.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      decode(W0[j], frag[b][j][0], frag[b][j][2]);
-      decode(W1[j], frag[b][j][1], frag[b][j][3]);
-    }
-    wgmma_wait<0>();  // the previous chunk's wgmmas have completed
-    if (i > 0) promote();
-    const int8_t* sc = reinterpret_cast<const int8_t*>(stage + L::S) + wq * 16 * SUB;
-#pragma unroll
-    for (int q = 0; q < SUB; ++q) {
-      ps[q][0] = group_scale(sc[g * SUB + q]);
-      ps[q][1] = group_scale(sc[(g + 8) * SUB + q]);
-    }
-    const uint64_t desc = smem_desc(ring_addr + rd + L::A);  // + 16 j: step j's first core matrix (no carry)
-    wgmma_fence();
-#pragma unroll
-    for (int q = 0; q < SUB; ++q) {
-      wgmma<NT, false>(part[q], frag[b][q * STEPS], desc + ((2 * q * STEPS * 128) >> 4));
-#pragma unroll
-      for (int u = 1; u < STEPS; ++u) {
-        const int j = q * STEPS + u;
-        wgmma<NT, true>(part[q], frag[b][j], desc + ((2 * j * 128) >> 4));
-      }
-    }
-    wgmma_commit();
+    const uint8_t* stage = ring + rd;  // S is even: s & 1 is the parity of the chunk
+    chunk_mma<NT, SUB>(acc, part, ps, frag[s & 1], reinterpret_cast<const uint4*>(stage + L::W) + wq * 64,
+                       reinterpret_cast<const int8_t*>(stage + L::S) + wq * 16 * SUB,
+                       smem_desc(ring_addr + rd + L::A), (2 * 128) >> 4, i > 0, lane, g);
   };
 
   run_ring<S, L::BYTES>(chunks, load, [kw] { ring_sync<RING>(kw); }, compute);
   wgmma_wait<0>();
-  if (chunks > 0) promote();
+  if (chunks > 0) promote<NT, SUB>(acc, part, ps);
   if constexpr (KW > 1) {  // rings 1 .. KW-1 hand their sums to ring 0 through the (drained) stages
     float* red = reinterpret_cast<float*>(smem);
     __syncthreads();
@@ -543,6 +605,158 @@ __global__ void __launch_bounds__(CAST_WARPS * 32) weight_to_fp8_kernel(const ui
   }
 }
 
+// ---- The tiled kernel (more than TILED_FROM tokens) ------------------------------------------------
+//
+// A CTA multiplies 128 weight rows (two warpgroups of 64, one 16-row tile per warp) by a block of
+// 8 NT tokens over all of K. Its shared-memory stages are filled by the Tensor Memory Accelerator:
+// the activations as a [8 NT tokens x 128 bytes] box of a tensor map in the 128-byte swizzle that
+// wgmma reads, the weights and shifts as bulk copies of each tile's 1 KB and 16 x SUB bytes; warp 0
+// issues them, each stage's "full" mbarrier counts their bytes, and each warp releases a stage on its
+// "empty" mbarrier once the wgmmas that read it have completed (no barrier of the whole CTA per
+// chunk). The multiply per chunk is the small-M kernel's (chunk_mma).
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@p bra DONE;\nbra WAIT;\nDONE:\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// The box of tensor map `map` at element (x, y, z) to shared memory, counted on mbarrier `bar`.
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_t bar) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+               "l"(map), "r"(x), "r"(y), "r"(bar)
+               : "memory");
+}
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int x, int y, int z, uint32_t bar) {
+  asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
+               "l"(map), "r"(x), "r"(y), "r"(z), "r"(bar)
+               : "memory");
+}
+
+// wgmma matrix descriptor of K-major shared memory in the 128-byte swizzle at byte address `addr`
+// (1024-byte aligned; 8-row atoms of 128-byte rows, 1024 bytes apart along N). A k32 step j of
+// the 128-byte rows starts at descriptor + 2 j (32 bytes).
+__device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1) << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+}
+
+// The column block (of 128 rows) and token block of a CTA. The launch takes its CTAs in groups of
+// FPX_RASTER column blocks, token block after token block within a group, so that the CTAs resident
+// at once share the weights of a few column blocks and the activations of a few token blocks in L2.
+__device__ __forceinline__ void cta_block(int& cb, int& tb) {
+  const int id = blockIdx.x + gridDim.x * blockIdx.z, span = FPX_RASTER * gridDim.z;
+  const int first = id / span * FPX_RASTER, width = min(FPX_RASTER, static_cast<int>(gridDim.x) - first), r = id % span;
+  cb = first + r % width;
+  tb = r / width;
+}
+
+// Shared memory of one stage of the tiled kernel: the activations first (1024-byte aligned for the
+// swizzle), then the 8 tiles' weights and shifts.
+template <int NT, int SUB>
+struct TiledStage {
+  static constexpr int A = 0;
+  static constexpr int W = A + NT * 1024;
+  static constexpr int S = W + 8 * 1024;
+  static constexpr int BYTES = (S + 8 * 16 * SUB + 1023) / 1024 * 1024;
+};
+
+// grid = (column blocks of 128 rows, 1, token blocks of 8 NT); three warpgroups: warps 0-7 multiply (one
+// 16-row tile each, with 232 registers), warp 8 fills the stages (the third warpgroup gives its
+// registers back: 40 each); amap: the activations [M, K] bytes as a tensor map with a [8 NT, 128] box
+// in the 128-byte swizzle; wmap, smap: the weights and shifts [tiles, KC, 1024 and 16 SUB bytes] with
+// an [8 tiles, 1 chunk] box.
+constexpr int TILED_THREADS = 3 * WG_THREADS;
+template <int NT, int SUB>
+__global__ void __launch_bounds__(TILED_THREADS, 1) w4a8_tiled_kernel(const __grid_constant__ CUtensorMap amap,
+                                                                     const __grid_constant__ CUtensorMap wmap,
+                                                                     const __grid_constant__ CUtensorMap smap, int KC,
+                                                                     const Epilogue all) {
+  using L = TiledStage<NT, SUB>;
+  constexpr int S = FPX_TILE_STAGES, TILES = 2 * WG_TILES;
+  extern __shared__ uint8_t smem_raw[];
+  __shared__ __align__(8) uint64_t full[S], empty[S];
+  const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
+  uint8_t* smem = smem_raw + (base - smem_addr(smem_raw));
+  int cb, tb;
+  cta_block(cb, tb);
+  const int m0 = tb * 8 * NT;
+  const Epilogue ep = tokens_from(all, m0, min(8 * NT, all.M - m0));
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int ntiles = (ep.N + 15) >> 4, tile0 = cb * TILES;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(smem_addr(&full[s]), 1);
+      mbar_init(smem_addr(&empty[s]), TILES);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (warp >= TILES) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (warp > TILES) return;
+    // Chunk c into its stage (lane 0): the boxes of the 8 tiles' weights and shifts and of the
+    // activations (zeros past the last tile, token and K; counted in full). The first stages' weights
+    // go out before the wait for the kernel that writes the activations.
+    auto fill = [&](int c, bool weights, bool acts) {
+      const uint32_t bar = smem_addr(&full[c % S]), stage = base + (c % S) * L::BYTES;
+      if (lane != 0) return;
+      if (weights) {
+        mbar_expect_tx(bar, TILES * (1024 + 16 * SUB) + NT * 1024);
+        tma_load(stage + L::W, &wmap, 0, 4 * c, tile0, bar);
+        tma_load(stage + L::S, &smap, 0, c, tile0, bar);
+      }
+      if (acts) tma_load(stage + L::A, &amap, c * 128, m0, bar);
+    };
+    for (int c = 0; c < S && c < KC; ++c) fill(c, true, false);
+    grid_dependency_wait();
+    for (int c = 0; c < S && c < KC; ++c) fill(c, false, true);
+    for (int c = S; c < KC; ++c) {  // once every warp released chunk c - S
+      mbar_wait(smem_addr(&empty[c % S]), ((c - S) / S) & 1);
+      fill(c, true, true);
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  grid_dependency_wait();
+  const int g = pinned(lane >> 2), t = pinned(lane & 3);
+  float acc[NT][4], part[SUB][NT][4], ps[SUB][2];
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+  uint32_t frag[2][4][4];
+  // Two chunks per iteration: the register sets of frag alternate between them.
+  for (int c0 = 0; c0 < KC; c0 += 2) {
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      const int c = c0 + b;
+      if (c < KC) {
+        const int s = c % S;
+        mbar_wait(smem_addr(&full[s]), (c / S) & 1);
+        const uint8_t* stage = smem + s * L::BYTES;
+        chunk_mma<NT, SUB>(acc, part, ps, frag[b], reinterpret_cast<const uint4*>(stage + L::W) + warp * 64,
+                           reinterpret_cast<const int8_t*>(stage + L::S) + warp * 16 * SUB,
+                           smem_desc_sw128(base + s * L::BYTES + L::A), 2, c > 0, lane, g);
+        // chunk_mma waited for chunk c - 1's wgmmas: this warp is done with its stage
+        if (c > 0 && lane == 0) mbar_arrive(smem_addr(&empty[(c - 1) % S]));
+      }
+    }
+  }
+  wgmma_wait<0>();
+  if (KC > 0) promote<NT, SUB>(acc, part, ps);
+  epilogue<NT>(acc, ep, tile0 + warp, ntiles, g, t);
+}
+
 // grid = (column blocks of 64 NW rows, splits / KW), KW x NW warpgroups per CTA; chunks_per_split =
 // ceil(kc / (splits / KW)). pdl: may start before the previous kernel in the stream has finished
 // (programmatic dependent launch; the kernel waits for it before it reads the activations or
@@ -567,6 +781,59 @@ cudaError_t launch(const void* wt, const int8_t* st, const uint8_t* a, int k, in
   cfg.numAttrs = 1;
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<const uint4*>(wt), st, a, k, lda, kc,
                             (kc + ctas_y - 1) / ctas_y, ep);
+}
+
+// A tensor map of bytes: `rank` dimensions (innermost first) of sizes dims, strides (bytes, of
+// dimensions 1 ..) and box; zeros outside.
+cudaError_t byte_map(CUtensorMap* map, const void* p, int rank, const cuuint64_t* dims, const cuuint64_t* strides,
+                     const cuuint32_t* box, CUtensorMapSwizzle swizzle) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+  if (encode == nullptr) {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      return cudaErrorNotSupported;
+    encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }
+  const cuuint32_t unit[3] = {1, 1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, rank, const_cast<void*>(p), dims, strides, box, unit,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// One launch of the tiled kernel over all tokens of `ep`.
+template <int NT, int SUB>
+cudaError_t launch_tiled(const void* wt, const int8_t* st, const uint8_t* a, int k, int lda, int kc, const Epilogue& ep,
+                         int pdl, cudaStream_t stream) {
+  // the activations [M, K] with an [8 NT, 128] box in the 128-byte swizzle; the weights and shifts
+  // [tiles, kc, bytes] with an [8, 1, bytes] box (bytes = 1024 and 16 SUB; boxes of at most 256)
+  const cuuint64_t tiles = (ep.N + 15) / 16, ldw = static_cast<cuuint64_t>(kc) * 1024, lds = static_cast<cuuint64_t>(kc) * 16 * SUB;
+  const cuuint64_t a_dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(ep.M)}, a_strides[1] = {static_cast<cuuint64_t>(lda)};
+  const cuuint64_t w_dims[3] = {256, 4 * static_cast<cuuint64_t>(kc), tiles}, w_strides[2] = {256, ldw};
+  const cuuint64_t s_dims[3] = {16 * SUB, static_cast<cuuint64_t>(kc), tiles}, s_strides[2] = {16 * SUB, lds};
+  const cuuint32_t a_box[2] = {128, 8 * NT}, w_box[3] = {256, 4, 8}, s_box[3] = {16 * SUB, 1, 8};
+  CUtensorMap amap, wmap, smap;
+  cudaError_t e = byte_map(&amap, a, 2, a_dims, a_strides, a_box, CU_TENSOR_MAP_SWIZZLE_128B);
+  if (e == cudaSuccess) e = byte_map(&wmap, wt, 3, w_dims, w_strides, w_box, CU_TENSOR_MAP_SWIZZLE_NONE);
+  if (e == cudaSuccess) e = byte_map(&smap, st, 3, s_dims, s_strides, s_box, CU_TENSOR_MAP_SWIZZLE_NONE);
+  if (e != cudaSuccess) return e;
+  const auto kernel = w4a8_tiled_kernel<NT, SUB>;
+  const int smem = FPX_TILE_STAGES * TiledStage<NT, SUB>::BYTES + 1024;  // + the 1024-byte alignment
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (e != cudaSuccess) return e;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = pdl != 0;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((ep.N + 127) / 128, 1, (ep.M + 8 * NT - 1) / (8 * NT));
+  cfg.blockDim = dim3(TILED_THREADS);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, amap, wmap, smap, kc, ep);
 }
 
 // NT token tiles of 8, NW row blocks per CTA. The K parts of `splits` go to the rings of one CTA as
@@ -607,16 +874,25 @@ extern "C" int fp_export_w4a8_gemm(const void* wt, const int8_t* st, const uint8
                                    const float* lorc_u, int lorc_rank, void* out, int out_bf16, float* ws,
                                    int* counters, int m, int n, int k, int lda, int ldo, int kc, int sub,
                                    int splits, int nw, int pdl, cudaStream_t stream) {
-  if (m <= 0 || m > 128 || n <= 0 || k <= 0 || k % 32 || kc * 128 < k || lda % 16 || splits < 1 || splits > kc ||
-      (nw != 1 && nw != 2 && nw != 4) ||
+  const bool tiled = m > TILED_FROM;
+  if (m <= 0 || n <= 0 || k <= 0 || k % 32 || kc * 128 < k || lda % 16 || splits < 1 || splits > kc ||
+      (nw != 1 && nw != 2 && nw != 4) || (tiled && (splits != 1 || nw != 2)) ||
       (reinterpret_cast<uintptr_t>(a) % 16) || (reinterpret_cast<uintptr_t>(wt) % 16) ||
       (reinterpret_cast<uintptr_t>(st) % 16) || (splits > 1 && (ws == nullptr || counters == nullptr)))
     return cudaErrorInvalidValue;
+  const Epilogue all{a_scale, w_scale, bias, lorc_t, lorc_u, lorc_rank, out, out_bf16, ws, counters, m, n, ldo};
+  if (tiled) {  // blocks of 128 tokens, 64 for groups of 64 codes and 32 for groups of 32 (their group
+                // sums need registers)
+    switch (sub) {
+      case 1: return static_cast<int>(launch_tiled<16, 1>(wt, st, a, k, lda, kc, all, pdl, stream));
+      case 2: return static_cast<int>(launch_tiled<8, 2>(wt, st, a, k, lda, kc, all, pdl, stream));
+      case 4: return static_cast<int>(launch_tiled<4, 4>(wt, st, a, k, lda, kc, all, pdl, stream));
+      default: return cudaErrorInvalidValue;
+    }
+  }
   for (int m0 = 0; m0 < m; m0 += MAX_M) {  // 64 tokens per launch
     const int mb = std::min(MAX_M, m - m0);
-    uint8_t* o = static_cast<uint8_t*>(out) + static_cast<size_t>(m0) * ldo * (out_bf16 ? 2 : 4);
-    const Epilogue ep{a_scale + m0, w_scale, bias, lorc_rank > 0 ? lorc_t + static_cast<size_t>(m0) * lorc_rank : lorc_t,
-                      lorc_u, lorc_rank, o, out_bf16, ws, counters, mb, n, ldo};
+    const Epilogue ep = tokens_from(all, m0, mb);
     const uint8_t* am = a + static_cast<size_t>(m0) * lda;
     cudaError_t e;
     if (mb <= 8) e = launch_nt<1>(sub, nw, wt, st, am, k, lda, kc, splits, ep, pdl, stream);

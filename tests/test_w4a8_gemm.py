@@ -62,7 +62,7 @@ def test_reference_matches_independent_dequantization(n, k, g):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 16, 24, 40, 100, 512, 4096])
+@pytest.mark.parametrize("m", [1, 16, 24, 40, 100, 200, 512, 4096])
 @pytest.mark.parametrize("n,k,g", SHAPES)
 def test_gemm_matches_float64_reference(m, n, k, g):
     from fp_export.runtime.fused_quant import quantize_rows
@@ -71,10 +71,10 @@ def test_gemm_matches_float64_reference(m, n, k, g):
     x = torch.randn(m, k, device="cuda") * torch.logspace(-2, 2, m, device="cuda")[:, None]
     xq, xs = quantize_rows(x)
     ref = W.reference(xq.float().cpu(), xs.cpu(), w)
-    paths = ["mma", "scaled_mm"] if m <= W.MMA_MAX_M else ["scaled_mm"]
+    paths = ["mma", "scaled_mm"]
     launches = [(s, nw) for s in (1, 2, 3, 4, 8) for nw in (1, 2, 4)]  # K parts x 64-row blocks per CTA
     for path in paths:
-        for splits, nw in (launches if path == "mma" else [(None, None)]):
+        for splits, nw in (launches if path == "mma" and m <= W.MMA_MAX_M else [(None, None)]):
             kw = dict(splits=splits, path=path, nw=nw)
             y = W.gemm(xq, xs, w, out_dtype=torch.float32, **kw)
             # both run on FP8 wgmma, whose fused k32 sums keep 13 bits below their largest term (measured on
@@ -209,11 +209,25 @@ def test_launch_rule_fits_the_kernel():
 
 def test_auto_path_rule():
     """The wgmma kernel up to 64 tokens, up to 128 for the wide 70B weights (faster than the per-call
-    cast on the H100), the cast beyond 64 for K=N=8192 and the 7B shapes; up to 32 tokens with a kept
-    FP8 copy (benchmarks/kernels.md)."""
+    cast on the H100), the cast beyond 64 for K=N=8192 and the 7B shapes; the tiled kernel from 129 to
+    256 tokens, the cast beyond; up to 32 tokens with a kept FP8 copy (benchmarks/kernels.md)."""
     shapes = {(4096, 4096): False, (8192, 8192): False, (12288, 4096): False, (22016, 4096): False,
               (4096, 11008): False, (10240, 8192): True, (57344, 8192): True, (8192, 28672): True}
     for (n, k), wide in shapes.items():
-        assert W.auto_path(64, n, k, False) == "mma" and W.auto_path(129, n, k, False) == "scaled_mm"
+        assert W.auto_path(64, n, k, False) == "mma" and W.auto_path(128, n, k, False) == ("mma" if wide else "scaled_mm")
+        assert W.auto_path(129, n, k, False) == "mma" and W.auto_path(256, n, k, False) == "mma"
+        assert W.auto_path(257, n, k, False) == "scaled_mm" and W.auto_path(4096, n, k, False) == "scaled_mm"
         assert W.auto_path(32, n, k, True) == "mma" and W.auto_path(33, n, k, True) == "scaled_mm"
-        assert W.auto_path(128, n, k, False) == ("mma" if wide else "scaled_mm")
+        assert W.auto_path(256, n, k, True) == "scaled_mm"
+
+
+def test_tiled_launch_rejects_a_split():
+    """Beyond MMA_MAX_M tokens the mma path is one tiled launch: K parts or other row blocks are refused
+    before anything runs."""
+    w = random_weight(96, 256, 256, seed=1)[0]
+    m = W.MMA_MAX_M + 1
+    a = torch.zeros(m, 256).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="tiled"):
+        W.gemm(a, torch.ones(m), w, path="mma", splits=2)
+    with pytest.raises(ValueError, match="tiled"):
+        W.gemm(a, torch.ones(m), w, path="mma", nw=4)

@@ -1,15 +1,15 @@
 """GEMM benchmark of the W4A8 path on a CUDA GPU (writes benchmarks/kernels.json + kernels.md).
 
 Shapes: K = N in {4096, 8192} and the LLaMA-2-7B / LLaMA-2-70B linear shapes with q/k/v and
-gate/up fused as the decode engine runs them; M in {1, 4, 16, 32, 64, 128, 1024, 4096}. Per point:
+gate/up fused as the decode engine runs them; M in {1, 4, 16, 32, 64, 128, 256, 512, 1024, 4096}. Per point:
 - BF16: cuBLAS (torch.matmul) on bf16 weights;
 - FP8: ``torch._scaled_mm`` on E4M3 weights with per-token / per-channel scales (W8A8);
 - W4A8: ``fp_export.runtime.w4a8_gemm.gemm`` on the packed FP4 weights ("auto", ``auto_path``:
-  the wgmma kernel up to ``MMA_M`` tokens, up to ``MMA_MAX_M`` for wide weights, FP4 -> FP8 cast
-  into a workspace + ``_scaled_mm`` beyond);
+  the wgmma kernel up to ``MMA_M`` tokens, up to ``MMA_MAX_M`` for wide weights, its tiled form up
+  to ``TILED_MAX_M``, FP4 -> FP8 cast into a workspace + ``_scaled_mm`` otherwise);
 - W4A8 keep-FP8 (M > ``MMA_M_KEPT``): the same with the FP8 copy kept (no per-call cast);
-- W4A8 mma and W4A8 cast (``MMA_M_KEPT`` < M <= ``MMA_MAX_M``): the wgmma kernel and the per-call
-  cast + ``_scaled_mm`` forced, the evidence for the rule.
+- W4A8 mma and W4A8 cast (M > ``MMA_M_KEPT``): the wgmma kernel (its tiled form beyond
+  ``MMA_MAX_M``) and the per-call cast + ``_scaled_mm`` forced, the evidence for the rule.
 All take already-quantized FP8 activations (the quantizer is fused into the producing kernel in
 the engine). Every call is timed inside a CUDA graph of 20 calls (no Python launch overhead, as in
 the engine), weights rotating over enough copies that no call finds its weights in L2; median of
@@ -33,7 +33,7 @@ from fp_export.runtime import w4a8_gemm as W  # noqa: E402
 from fp_export.runtime.fused_quant import quantize_rows  # noqa: E402
 
 GROUP = 256
-MS = (1, 4, 16, 32, 64, 128, 1024, 4096)
+MS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 4096)
 SHAPES = {  # name: (N, K)
     "K=N=4096": (4096, 4096), "K=N=8192": (8192, 8192),
     "7B qkv": (12288, 4096), "7B gate_up": (22016, 4096), "7B down": (4096, 11008),
@@ -63,7 +63,7 @@ def bench_shape(name, n, k, dev, copy_tbps):
                                                                       out_dtype=torch.bfloat16) for w, s in zip(w8, w4)], **kw)
         W.gemm(xq, xs, w4[0])  # sizes the workspaces before capture
         res["w4a8"] = graph_time_us([lambda w=w: W.gemm(xq, xs, w) for w in w4], **kw)
-        if W.MMA_M_KEPT < m <= W.MMA_MAX_M:
+        if m > W.MMA_M_KEPT:
             res["w4a8_mma"] = graph_time_us([lambda w=w: W.gemm(xq, xs, w, path="mma") for w in w4], **kw)
             res["w4a8_cast"] = graph_time_us([lambda w=w: W.gemm(xq, xs, w, path="scaled_mm") for w in w4], **kw)
         if m > W.MMA_M_KEPT:
@@ -71,7 +71,9 @@ def bench_shape(name, n, k, dev, copy_tbps):
             res["w4a8_keep_fp8"] = graph_time_us([lambda w=w: W.gemm(xq, xs, w) for w in kept], **kw)
         wbytes = n * k // 2 + n * (k // GROUP)
         t = res["w4a8"][0]
-        row = {"shape": name, "M": m, "N": n, "K": k, "path": "mma" if W.auto_path(m, n, k, False) == "mma" else "cast+scaled_mm",
+        path = W.auto_path(m, n, k, False)
+        row = {"shape": name, "M": m, "N": n, "K": k,
+               "path": "cast+scaled_mm" if path == "scaled_mm" else "mma tiled" if m > W.MMA_MAX_M else "mma",
                **{f"{key}_us": v[0] for key, v in res.items()}, **{f"{key}_runs_us": v[1] for key, v in res.items()},
                "spread_max": max(spread(v[1]) for v in res.values()),
                "w4a8_vs_bf16": res["bf16"][0] / t, "w4a8_vs_fp8": res["fp8"][0] / t,
@@ -96,9 +98,11 @@ def markdown(res):
              f"torch {res['torch']}; measured device-to-device copy bandwidth {res['copy_TBps']:.2f} TB/s (read + write). "
              "Times in us per call, each call timed inside a CUDA graph, weights L2-cold; median of 3 runs. "
              f"W4A8 = FP4 shift-cast weights (group {GROUP}) x FP8 activations: the wgmma kernel for M <= {W.MMA_M} "
-             f"(<= {W.MMA_MAX_M} for K >= {W.MMA_WIDE_K} and N x K > {W.MMA_WIDE_K}^2, `auto_path`), cast + _scaled_mm beyond; "
+             f"(<= {W.MMA_MAX_M} for K >= {W.MMA_WIDE_K} and N x K > {W.MMA_WIDE_K}^2), its tiled form for "
+             f"{W.MMA_MAX_M} < M <= {W.TILED_MAX_M}, cast + _scaled_mm otherwise (`auto_path`); "
              f"keep-FP8 = the FP8 copy kept (the wgmma kernel up to {W.MMA_M_KEPT} tokens, _scaled_mm beyond); "
-             f"mma, cast = the wgmma kernel, the per-call cast + _scaled_mm forced ({W.MMA_M_KEPT + 1}-{W.MMA_MAX_M} tokens).", "",
+             f"mma, cast = the wgmma kernel (tiled beyond {W.MMA_MAX_M} tokens), the per-call cast + _scaled_mm, "
+             f"forced (from {W.MMA_M_KEPT + 1} tokens).", "",
              "| shape | M | BF16 | FP8 | W4A8 | W4A8 keep-FP8 | W4A8 mma | W4A8 cast | vs BF16 | vs FP8 | W4A8 GB/s | % copy BW | spread |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["gemm"]:

@@ -7,7 +7,7 @@ a: float8_e4m3fn [M, K] (the token-quantized activations on the unit grid), a_sc
 w_scale float32 [N] (``dq_scale`` of ``QuantizedWeight.to_shift_cast()``),
 t = a @ lorc_v^T float32 [M, r] and u = lorc_u [N, r] the optional LoRC factors, bias float32 [N].
 
-Two paths, chosen by the number of tokens M (fixed rules, no run-time tuning; ``auto_path``):
+Three paths, chosen by the number of tokens M (fixed rules, no run-time tuning; ``auto_path``):
 - M <= ``MMA_M`` (``MMA_MAX_M`` for wide weights, ``MMA_M_KEPT`` with a kept FP8
   copy; decode, small batches): ``plugins/w4a8_gemm.cu``,
   FP8 tensor cores through wgmma (m64nNk32, E5M2 x E4M3, FP32 accumulators) with the weights as
@@ -22,6 +22,12 @@ Two paths, chosen by the number of tokens M (fixed rules, no run-time tuning; ``
   Each 32-code group's sum starts at zero and is scaled into FP32 accumulators: Hopper's FP8 wgmma
   truncates its fused sums to 13 bits below their largest term, so the result's relative error is
   about 1e-4 (that of cuBLASLt FP8 GEMMs), not FP32's.
+- ``MMA_MAX_M`` < M <= ``TILED_MAX_M``: the same kernel's tiled form (``w4a8_tiled_kernel``): a CTA
+  takes 128 rows and a block of 128 tokens (64 for groups of 64 codes, 32 for groups of 32) over all
+  of K; a producer warp fills 4 shared-memory stages with the Tensor Memory Accelerator (weights,
+  shifts and activations, the activations in wgmma's 128-byte swizzle) and two warpgroups multiply
+  them as above (H100, 256 tokens: 1.06-1.83x the per-call cast on seven of the eight benchmark
+  shapes).
 - otherwise (prefill): the weights are cast to FP8 once per call (``weight_to_fp8``, the same
   decode, at 87% of copy bandwidth on the H100) into a shared workspace, or taken from a kept FP8
   copy, and multiplied with ``torch._scaled_mm`` (cuBLASLt, FP8 wgmma).
@@ -57,7 +63,9 @@ from fp_export.runtime import pdl
 from fp_export.runtime.kernels import PLUGINS, compile_cuda
 
 LIB_NAME = "libfp_export_w4a8.so"
-MMA_MAX_M = 128  # the wgmma kernel takes up to this many tokens (one launch per 64)
+MMA_MAX_M = 128  # the wgmma kernel's launches of up to 64 tokens take up to this many; beyond, its tiled form
+TILED_NW = 2  # the tiled form: 128 rows (two 64-row blocks) per CTA, one K part
+TILED_MAX_M = 256  # "auto": the tiled form up to this many tokens, the per-call cast + _scaled_mm beyond
 MMA_M = 64  # "auto": the wgmma kernel up to this many tokens (MMA_MAX_M for wide weights; ``auto_path``)
 MMA_WIDE_K, MMA_WIDE_WEIGHTS = 8192, 8192 * 8192  # wide: K >= this and N * K > that
 MMA_M_KEPT = 32  # ... and up to this many when the weight keeps an FP8 copy
@@ -300,16 +308,21 @@ def weight_to_fp8(w: W4A8Weight, out: torch.Tensor | None = None) -> torch.Tenso
 
 
 def auto_path(m: int, n: int, k: int, kept_fp8: bool) -> str:
-    """The "auto" path for M tokens and an N x K weight: "mma" (the wgmma kernel) or "scaled_mm".
-    H100 (benchmarks/kernels.json, L2-cold weights): the wgmma kernel is faster than FP8
-    ``_scaled_mm`` on a kept FP8 copy up to 32 tokens (1.2-2.0x on the eight shapes) and faster than
-    the per-call FP4 -> FP8 cast up to 64 tokens; up to ``MMA_MAX_M`` (two launches) for weights
-    longer than ``MMA_WIDE_K`` and larger than ``MMA_WIDE_WEIGHTS`` (at 128 tokens 1.06-1.26x the
-    cast on the three 70B shapes), not for the others, where the cast was 1.0-1.8x faster (K=N=8192
-    and 7B qkv 1.13x and 1.14x, 7B gate_up 1.05x, K=N=4096 and 7B down 1.8x and 1.5x)."""
+    """The "auto" path for M tokens and an N x K weight: "mma" (the wgmma kernel, tiled beyond
+    ``MMA_MAX_M``) or "scaled_mm". H100 (benchmarks/kernels.json, L2-cold weights): the wgmma kernel
+    is faster than FP8 ``_scaled_mm`` on a kept FP8 copy up to 32 tokens (1.2-2.0x on the eight
+    shapes) and faster than the per-call FP4 -> FP8 cast up to 64 tokens; up to ``MMA_MAX_M`` (two
+    launches) for weights longer than ``MMA_WIDE_K`` and larger than ``MMA_WIDE_WEIGHTS`` (at 128
+    tokens 1.06-1.26x the cast on the three 70B shapes), not for the others, where the cast was
+    1.0-1.8x faster (K=N=8192 and 7B qkv 1.13x and 1.14x, 7B gate_up 1.05x, K=N=4096 and 7B down
+    1.8x and 1.5x). The tiled form beats the cast at 256 tokens on seven of the eight shapes
+    (1.06-1.83x; K=N=4096, 64 CTAs, 0.85x) and up to ``TILED_MAX_M``; at 512 it is 0.94-1.04x, beyond
+    ``_scaled_mm``'s tensor-core rate outweighs the cast (0.6-0.85x at 1024 and 4096)."""
     if kept_fp8:
         return "mma" if m <= MMA_M_KEPT else "scaled_mm"
     wide = k >= MMA_WIDE_K and n * k > MMA_WIDE_WEIGHTS
+    if m > MMA_MAX_M:
+        return "mma" if m <= TILED_MAX_M else "scaled_mm"
     return "mma" if m <= (MMA_MAX_M if wide else MMA_M) else "scaled_mm"
 
 
@@ -317,8 +330,9 @@ def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, out_dtype: torch
          splits: int | None = None, path: str = "auto", nw: int | None = None) -> torch.Tensor:
     """y [M, N] (``out_dtype`` bfloat16 or float32) of a float8_e4m3fn [M, K] (row stride a
     multiple of 16), a_scale float32 [M]; see the module docstring. ``path``: "auto" (by M),
-    "mma" (M <= ``MMA_MAX_M``) or "scaled_mm". ``splits`` and ``nw`` (64-row blocks per CTA, 1, 2
-    or 4): the mma path's launch shape, ``default_splits`` and ``default_nw`` by default."""
+    "mma" (the wgmma kernel; tiled beyond ``MMA_MAX_M`` tokens) or "scaled_mm". ``splits`` and ``nw``
+    (64-row blocks per CTA, 1, 2 or 4): the mma path's launch shape, ``default_splits`` and
+    ``default_nw`` by default (the tiled form takes 1 and ``TILED_NW`` only)."""
     m, k = a.shape
     if k != w.k:
         raise ValueError(f"W4A8 gemm: activations have K={k}, the weight K={w.k}")
@@ -341,8 +355,13 @@ def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: W4A8Weight, out_dtype: torch
         if w.bias is not None:
             y = y + w.bias
         return y.to(out_dtype)
-    if m > MMA_MAX_M or a.stride(1) != 1 or a.stride(0) % 16 or a.data_ptr() % 16:
-        raise ValueError(f"W4A8 mma path: needs M <= {MMA_MAX_M} and 16-byte aligned rows (M={m}, strides {a.stride()})")
+    if a.stride(1) != 1 or a.stride(0) % 16 or a.data_ptr() % 16:
+        raise ValueError(f"W4A8 mma path: needs 16-byte aligned rows (strides {a.stride()})")
+    if m > MMA_MAX_M:
+        if splits not in (None, 1) or nw not in (None, TILED_NW):
+            raise ValueError(f"W4A8 mma path beyond {MMA_MAX_M} tokens (M={m}) is tiled: one K part and {TILED_NW} "
+                             f"row blocks per CTA (got splits={splits}, nw={nw})")
+        splits, nw = 1, TILED_NW
     if splits is None:
         splits = default_splits(m, w.n, w.k, w.sub)
     if nw is None:
