@@ -316,8 +316,8 @@ def auto_path(m: int, n: int, k: int, kept_fp8: bool) -> str:
     tokens 1.06-1.26x the cast on the three 70B shapes), not for the others, where the cast was
     1.0-1.8x faster (K=N=8192 and 7B qkv 1.13x and 1.14x, 7B gate_up 1.05x, K=N=4096 and 7B down
     1.8x and 1.5x). The tiled form beats the cast at 256 tokens on seven of the eight shapes
-    (1.06-1.83x; K=N=4096, 64 CTAs, 0.85x) and up to ``TILED_MAX_M``; at 512 it is 0.94-1.04x, beyond
-    ``_scaled_mm``'s tensor-core rate outweighs the cast (0.6-0.85x at 1024 and 4096)."""
+    (1.06-1.83x; K=N=4096, 64 CTAs, 0.85x) and up to ``TILED_MAX_M``; at 512 it is 0.90-1.04x, beyond
+    ``_scaled_mm``'s tensor-core rate outweighs the cast (0.49-0.87x at 1024 and 4096)."""
     if kept_fp8:
         return "mma" if m <= MMA_M_KEPT else "scaled_mm"
     wide = k >= MMA_WIDE_K and n * k > MMA_WIDE_WEIGHTS
