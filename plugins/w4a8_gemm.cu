@@ -46,6 +46,7 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
+#include <utility>
 
 namespace {
 
@@ -608,12 +609,13 @@ __global__ void __launch_bounds__(CAST_WARPS * 32) weight_to_fp8_kernel(const ui
 // ---- The tiled kernel (more than TILED_FROM tokens) ------------------------------------------------
 //
 // A CTA multiplies 128 weight rows (two warpgroups of 64, one 16-row tile per warp) by a block of
-// 8 NT tokens over all of K. Its shared-memory stages are filled by the Tensor Memory Accelerator:
-// the activations as a [8 NT tokens x 128 bytes] box of a tensor map in the 128-byte swizzle that
-// wgmma reads, the weights and shifts as bulk copies of each tile's 1 KB and 16 x SUB bytes; warp 0
-// issues them, each stage's "full" mbarrier counts their bytes, and each warp releases a stage on its
-// "empty" mbarrier once the wgmmas that read it have completed (no barrier of the whole CTA per
-// chunk). The multiply per chunk is the small-M kernel's (chunk_mma).
+// 8 NT tokens over all of K. Its shared-memory stages are filled by the Tensor Memory Accelerator,
+// three tensor-map boxes per chunk: the activations ([8 NT tokens x 128 bytes] in the 128-byte
+// swizzle that wgmma reads), the tiles' weights (1 KB each) and their shifts (16 x SUB bytes each).
+// One thread of a third warpgroup issues them, each stage's "full" mbarrier counts their bytes, and
+// each multiplying warp releases a stage on its "empty" mbarrier once the wgmmas that read it have
+// completed (no barrier of the whole CTA per chunk). The multiply per chunk is the small-M kernel's
+// (chunk_mma).
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
@@ -660,19 +662,21 @@ __device__ __forceinline__ void cta_block(int& cb, int& tb) {
   tb = r / width;
 }
 
+constexpr int TILED_TILES = 2 * WG_TILES;  // 16-row tiles per CTA of the tiled kernel (two warpgroups)
+
 // Shared memory of one stage of the tiled kernel: the activations first (1024-byte aligned for the
-// swizzle), then the 8 tiles' weights and shifts.
+// swizzle), then the TILED_TILES tiles' weights and shifts.
 template <int NT, int SUB>
 struct TiledStage {
   static constexpr int A = 0;
   static constexpr int W = A + NT * 1024;
-  static constexpr int S = W + 8 * 1024;
-  static constexpr int BYTES = (S + 8 * 16 * SUB + 1023) / 1024 * 1024;
+  static constexpr int S = W + TILED_TILES * 1024;
+  static constexpr int BYTES = (S + TILED_TILES * 16 * SUB + 1023) / 1024 * 1024;
 };
 
 // grid = (column blocks of 128 rows, 1, token blocks of 8 NT); three warpgroups: warps 0-7 multiply (one
-// 16-row tile each, with 232 registers), warp 8 fills the stages (the third warpgroup gives its
-// registers back: 40 each); amap: the activations [M, K] bytes as a tensor map with a [8 NT, 128] box
+// 16-row tile each, with 232 registers), lane 0 of warp 8 fills the stages (the third warpgroup gives
+// its registers back: 40 each); amap: the activations [M, K] bytes as a tensor map with a [8 NT, 128] box
 // in the 128-byte swizzle; wmap, smap: the weights and shifts [tiles, KC, 1024 and 16 SUB bytes] with
 // an [8 tiles, 1 chunk] box.
 constexpr int TILED_THREADS = 3 * WG_THREADS;
@@ -682,7 +686,7 @@ __global__ void __launch_bounds__(TILED_THREADS, 1) w4a8_tiled_kernel(const __gr
                                                                      const __grid_constant__ CUtensorMap smap, int KC,
                                                                      const Epilogue all) {
   using L = TiledStage<NT, SUB>;
-  constexpr int S = FPX_TILE_STAGES, TILES = 2 * WG_TILES;
+  constexpr int S = FPX_TILE_STAGES, TILES = TILED_TILES;
   extern __shared__ uint8_t smem_raw[];
   __shared__ __align__(8) uint64_t full[S], empty[S];
   const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
@@ -703,13 +707,12 @@ __global__ void __launch_bounds__(TILED_THREADS, 1) w4a8_tiled_kernel(const __gr
   __syncthreads();
   if (warp >= TILES) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    if (warp > TILES) return;
-    // Chunk c into its stage (lane 0): the boxes of the 8 tiles' weights and shifts and of the
-    // activations (zeros past the last tile, token and K; counted in full). The first stages' weights
-    // go out before the wait for the kernel that writes the activations.
+    if (warp > TILES || lane != 0) return;
+    // Chunk c into its stage: the boxes of the tiles' weights and shifts and of the activations
+    // (zeros past the last tile, token and K; counted in full). The first stages' weights go out
+    // before the wait for the kernel that writes the activations.
     auto fill = [&](int c, bool weights, bool acts) {
       const uint32_t bar = smem_addr(&full[c % S]), stage = base + (c % S) * L::BYTES;
-      if (lane != 0) return;
       if (weights) {
         mbar_expect_tx(bar, TILES * (1024 + 16 * SUB) + NT * 1024);
         tma_load(stage + L::W, &wmap, 0, 4 * c, tile0, bar);
@@ -757,6 +760,27 @@ __global__ void __launch_bounds__(TILED_THREADS, 1) w4a8_tiled_kernel(const __gr
   epilogue<NT>(acc, ep, tile0 + warp, ntiles, g, t);
 }
 
+// `kernel` on `grid` x `threads` with `smem` bytes of dynamic shared memory; pdl: may start before the
+// previous kernel in the stream has finished (programmatic dependent launch; the kernels wait for it
+// before they read what it wrote).
+template <typename... Params, typename... Args>
+cudaError_t launch_ex(void (*kernel)(Params...), dim3 grid, int threads, int smem, int pdl, cudaStream_t stream,
+                      Args&&... args) {
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (e != cudaSuccess) return e;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = pdl != 0;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
 // grid = (column blocks of 64 NW rows, splits / KW), KW x NW warpgroups per CTA; chunks_per_split =
 // ceil(kc / (splits / KW)). pdl: may start before the previous kernel in the stream has finished
 // (programmatic dependent launch; the kernel waits for it before it reads the activations or
@@ -765,22 +789,11 @@ template <int NT, int SUB, int KW, int NW>
 cudaError_t launch(const void* wt, const int8_t* st, const uint8_t* a, int k, int lda, int kc, int splits,
                    const Epilogue& ep, int pdl, cudaStream_t stream) {
   static_assert(fits(NT, SUB, KW * NW), "registers");
-  const auto kernel = w4a8_gemm_kernel<NT, SUB, KW, NW>;
-  const int smem = KW * FPX_STAGES * Stage<NT, SUB, NW>::BYTES, ctas_y = splits / KW;
-  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (e != cudaSuccess) return e;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = pdl != 0;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((ep.N + 16 * WG_TILES * NW - 1) / (16 * WG_TILES * NW), ctas_y);
-  cfg.blockDim = dim3(KW * NW * WG_THREADS);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, static_cast<const uint4*>(wt), st, a, k, lda, kc,
-                            (kc + ctas_y - 1) / ctas_y, ep);
+  const int ctas_y = splits / KW;
+  return launch_ex(w4a8_gemm_kernel<NT, SUB, KW, NW>,
+                   dim3((ep.N + 16 * WG_TILES * NW - 1) / (16 * WG_TILES * NW), ctas_y), KW * NW * WG_THREADS,
+                   KW * FPX_STAGES * Stage<NT, SUB, NW>::BYTES, pdl, stream, static_cast<const uint4*>(wt), st, a, k,
+                   lda, kc, (kc + ctas_y - 1) / ctas_y, ep);
 }
 
 // A tensor map of bytes: `rank` dimensions (innermost first) of sizes dims, strides (bytes, of
@@ -808,32 +821,22 @@ template <int NT, int SUB>
 cudaError_t launch_tiled(const void* wt, const int8_t* st, const uint8_t* a, int k, int lda, int kc, const Epilogue& ep,
                          int pdl, cudaStream_t stream) {
   // the activations [M, K] with an [8 NT, 128] box in the 128-byte swizzle; the weights and shifts
-  // [tiles, kc, bytes] with an [8, 1, bytes] box (bytes = 1024 and 16 SUB; boxes of at most 256)
+  // [tiles, kc, bytes] with a [TILED_TILES, 1, bytes] box (bytes = 1024 and 16 SUB; box sides of at
+  // most 256)
   const cuuint64_t tiles = (ep.N + 15) / 16, ldw = static_cast<cuuint64_t>(kc) * 1024, lds = static_cast<cuuint64_t>(kc) * 16 * SUB;
   const cuuint64_t a_dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(ep.M)}, a_strides[1] = {static_cast<cuuint64_t>(lda)};
   const cuuint64_t w_dims[3] = {256, 4 * static_cast<cuuint64_t>(kc), tiles}, w_strides[2] = {256, ldw};
   const cuuint64_t s_dims[3] = {16 * SUB, static_cast<cuuint64_t>(kc), tiles}, s_strides[2] = {16 * SUB, lds};
-  const cuuint32_t a_box[2] = {128, 8 * NT}, w_box[3] = {256, 4, 8}, s_box[3] = {16 * SUB, 1, 8};
+  const cuuint32_t a_box[2] = {128, 8 * NT}, w_box[3] = {256, 4, TILED_TILES}, s_box[3] = {16 * SUB, 1, TILED_TILES};
   CUtensorMap amap, wmap, smap;
   cudaError_t e = byte_map(&amap, a, 2, a_dims, a_strides, a_box, CU_TENSOR_MAP_SWIZZLE_128B);
   if (e == cudaSuccess) e = byte_map(&wmap, wt, 3, w_dims, w_strides, w_box, CU_TENSOR_MAP_SWIZZLE_NONE);
   if (e == cudaSuccess) e = byte_map(&smap, st, 3, s_dims, s_strides, s_box, CU_TENSOR_MAP_SWIZZLE_NONE);
   if (e != cudaSuccess) return e;
-  const auto kernel = w4a8_tiled_kernel<NT, SUB>;
-  const int smem = FPX_TILE_STAGES * TiledStage<NT, SUB>::BYTES + 1024;  // + the 1024-byte alignment
-  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (e != cudaSuccess) return e;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = pdl != 0;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((ep.N + 127) / 128, 1, (ep.M + 8 * NT - 1) / (8 * NT));
-  cfg.blockDim = dim3(TILED_THREADS);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, amap, wmap, smap, kc, ep);
+  return launch_ex(w4a8_tiled_kernel<NT, SUB>,
+                   dim3((tiles + TILED_TILES - 1) / TILED_TILES, 1, (ep.M + 8 * NT - 1) / (8 * NT)), TILED_THREADS,
+                   FPX_TILE_STAGES * TiledStage<NT, SUB>::BYTES + 1024,  // + the 1024-byte alignment
+                   pdl, stream, amap, wmap, smap, kc, ep);
 }
 
 // NT token tiles of 8, NW row blocks per CTA. The K parts of `splits` go to the rings of one CTA as
