@@ -66,7 +66,6 @@ def bench_shape(name, n, k, dev, copy_tbps):
         if m > W.MMA_M_KEPT:
             res["w4a8_mma"] = graph_time_us([lambda w=w: W.gemm(xq, xs, w, path="mma") for w in w4], **kw)
             res["w4a8_cast"] = graph_time_us([lambda w=w: W.gemm(xq, xs, w, path="scaled_mm") for w in w4], **kw)
-        if m > W.MMA_M_KEPT:
             kept = [W.W4A8Weight(w.wt, w.st, w.w_scale, w.n, w.k, w.sub, fp8=f) for w, f in zip(w4, w8)]
             res["w4a8_keep_fp8"] = graph_time_us([lambda w=w: W.gemm(xq, xs, w) for w in kept], **kw)
         wbytes = n * k // 2 + n * (k // GROUP)

@@ -320,9 +320,9 @@ def auto_path(m: int, n: int, k: int, kept_fp8: bool) -> str:
     ``_scaled_mm``'s tensor-core rate outweighs the cast (0.49-0.87x at 1024 and 4096)."""
     if kept_fp8:
         return "mma" if m <= MMA_M_KEPT else "scaled_mm"
-    wide = k >= MMA_WIDE_K and n * k > MMA_WIDE_WEIGHTS
     if m > MMA_MAX_M:
         return "mma" if m <= TILED_MAX_M else "scaled_mm"
+    wide = k >= MMA_WIDE_K and n * k > MMA_WIDE_WEIGHTS
     return "mma" if m <= (MMA_MAX_M if wide else MMA_M) else "scaled_mm"
 
 
