@@ -69,6 +69,15 @@ constexpr int TILED_FROM = 128;  // more tokens: one launch of w4a8_tiled_kernel
 #ifndef FPX_EVICT_FIRST
 #define FPX_EVICT_FIRST 1
 #endif
+// K parts over up to MAX_CLUSTER CTAs as one thread-block cluster whose sums are added through
+// distributed shared memory (1), or always through the global workspace and an arrival counter (0).
+// Clusters of 2 were faster than the workspace on every shape; clusters of 4 and 8 slower where the
+// grid fills the GPU (benchmarks/w4a8_config_cluster.md: K=N=8192, 16 tokens, 4 parts x 4 row
+// blocks in clusters of 4 29.5 us against 20.1), so more parts than 2 go through the workspace.
+#ifndef FPX_CLUSTER
+#define FPX_CLUSTER 1
+#endif
+constexpr int MAX_CLUSTER = 2;
 // The tiled kernel (more than 128 tokens): its pipeline stages, and the column blocks of its CTA order.
 #ifndef FPX_TILE_STAGES
 #define FPX_TILE_STAGES 4
@@ -145,6 +154,27 @@ __device__ __forceinline__ void cp_async_wait() {
 template <int THREADS>
 __device__ __forceinline__ void ring_sync(int ring) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(1 + ring), "n"(THREADS) : "memory");
+}
+
+// The CTAs of this CTA's thread-block cluster (1 without a cluster launch).
+__device__ __forceinline__ uint32_t cluster_ctas() {
+  uint32_t n;
+  asm("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n));
+  return n;
+}
+
+// Every thread of every CTA of the cluster: its shared-memory writes are visible to the others.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+// The float at shared-memory address `addr` of the cluster's CTA `rank`.
+__device__ __forceinline__ float ld_cluster(uint32_t addr, uint32_t rank) {
+  uint32_t remote;
+  float v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+  return v;
 }
 
 // lo, hi: the E5M2 bytes (value * 2^-14) of a layout word's codes 0-3 and 4-7.
@@ -353,12 +383,13 @@ __host__ __device__ __forceinline__ Epilogue tokens_from(const Epilogue& e, int 
 }
 
 // acc[j][i]: row n = tile*16 + g + 8*(i >> 1), token m = 8j + 2t + (i & 1). With K split over
-// gridDim.y CTAs, each CTA stores its partial sums in the workspace and the last CTA of its column
-// block (blockIdx.x; an arrival counter, reset by that CTA) adds them in split order
-// (deterministic), then scales, LoRC, bias and the output store.
+// `splits` CTAs (gridDim.y) through the workspace, each CTA stores its partial sums there and the
+// last CTA of its column block (blockIdx.x; an arrival counter, reset by that CTA) adds them in
+// split order (deterministic), then scales, LoRC, bias and the output store.
 template <int NT>
-__device__ __forceinline__ void epilogue(float (&acc)[NT][4], const Epilogue& p, int tile, int ntiles, int g, int t) {
-  const int M = p.M, splits = gridDim.y, npad = ntiles * 16;
+__device__ __forceinline__ void epilogue(float (&acc)[NT][4], const Epilogue& p, int tile, int ntiles, int g, int t,
+                                         int splits) {
+  const int M = p.M, npad = ntiles * 16;
   if (splits > 1) {
     if (tile < ntiles) {
 #pragma unroll
@@ -547,7 +578,39 @@ __global__ void __launch_bounds__(KW * NW * WG_THREADS, NT <= 2 ? 4 / (KW * NW) 
 #pragma unroll
           for (int i = 0; i < 4; ++i) acc[j][i] += red[(((s - 1) * WG_TILES * NW + wq) * NT * 4 + j * 4 + i) * 32 + lane];
   }
-  epilogue<NT>(acc, ep, kw == 0 ? tile : ntiles, ntiles, g, t);  // rings > 0 only join its barriers
+  int out_tile = kw == 0 ? tile : ntiles;  // rings > 0 only join the epilogue's barriers
+  int splits = gridDim.y;
+#if FPX_CLUSTER
+  if (cluster_ctas() > 1) {  // the K parts of a column block are one cluster (rank blockIdx.y): each CTA
+                             // leaves ring 0's sums in its shared memory, and tile wq's are added in
+                             // part order by the CTA of rank wq % parts, which stores that tile
+    const uint32_t parts = gridDim.y, rank = blockIdx.y;
+    float* mine = reinterpret_cast<float*>(smem) + (KW - 1) * WG_TILES * NW * NT * 4 * 32;  // past the rings' sums
+    __syncthreads();  // every warp's wgmmas and copies are done with the stages
+    if (kw == 0)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) mine[(wq * NT * 4 + j * 4 + i) * 32 + lane] = acc[j][i];
+    cluster_sync();
+    if (kw == 0 && wq % parts == rank) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const uint32_t at = smem_addr(mine + (wq * NT * 4 + j * 4 + i) * 32 + lane);
+          float v = 0.f;
+          for (uint32_t s = 0; s < parts; ++s) v += s == rank ? acc[j][i] : ld_cluster(at, s);
+          acc[j][i] = v;
+        }
+    } else {
+      out_tile = ntiles;
+    }
+    cluster_sync();  // no CTA leaves while the others read its shared memory
+    splits = 1;
+  }
+#endif
+  epilogue<NT>(acc, ep, out_tile, ntiles, g, t, splits);
 }
 
 // The per-call FP4 -> FP8 cast of the large-M path. One warp per 16-row tile and 128-wide chunk:
@@ -757,31 +820,36 @@ __global__ void __launch_bounds__(TILED_THREADS, 1) w4a8_tiled_kernel(const __gr
   }
   wgmma_wait<0>();
   if (KC > 0) promote<NT, SUB>(acc, part, ps);
-  epilogue<NT>(acc, ep, tile0 + warp, ntiles, g, t);
+  epilogue<NT>(acc, ep, tile0 + warp, ntiles, g, t, 1);
 }
 
-// `kernel` on `grid` x `threads` with `smem` bytes of dynamic shared memory; pdl: may start before the
-// previous kernel in the stream has finished (programmatic dependent launch; the kernels wait for it
-// before they read what it wrote).
+// `kernel` on `grid` x `threads` with `smem` bytes of dynamic shared memory, in clusters of
+// cluster_y CTAs along y (1: no cluster); pdl: may start before the previous kernel in the stream has
+// finished (programmatic dependent launch; the kernels wait for it before they read what it wrote).
 template <typename... Params, typename... Args>
-cudaError_t launch_ex(void (*kernel)(Params...), dim3 grid, int threads, int smem, int pdl, cudaStream_t stream,
-                      Args&&... args) {
+cudaError_t launch_ex(void (*kernel)(Params...), dim3 grid, int threads, int smem, int pdl, int cluster_y,
+                      cudaStream_t stream, Args&&... args) {
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = pdl != 0;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = pdl != 0;
+  attr[1].id = cudaLaunchAttributeClusterDimension;
+  attr[1].val.clusterDim.x = 1;
+  attr[1].val.clusterDim.y = cluster_y;
+  attr[1].val.clusterDim.z = 1;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(threads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = cluster_y > 1 ? 2 : 1;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
-// grid = (column blocks of 64 NW rows, splits / KW), KW x NW warpgroups per CTA; chunks_per_split =
+// grid = (column blocks of 64 NW rows, splits / KW), KW x NW warpgroups per CTA, the splits / KW CTAs
+// of a column block one cluster where they are at most MAX_CLUSTER; chunks_per_split =
 // ceil(kc / (splits / KW)). pdl: may start before the previous kernel in the stream has finished
 // (programmatic dependent launch; the kernel waits for it before it reads the activations or
 // touches the workspace).
@@ -792,8 +860,9 @@ cudaError_t launch(const void* wt, const int8_t* st, const uint8_t* a, int k, in
   const int ctas_y = splits / KW;
   return launch_ex(w4a8_gemm_kernel<NT, SUB, KW, NW>,
                    dim3((ep.N + 16 * WG_TILES * NW - 1) / (16 * WG_TILES * NW), ctas_y), KW * NW * WG_THREADS,
-                   KW * FPX_STAGES * Stage<NT, SUB, NW>::BYTES, pdl, stream, static_cast<const uint4*>(wt), st, a, k,
-                   lda, kc, (kc + ctas_y - 1) / ctas_y, ep);
+                   KW * FPX_STAGES * Stage<NT, SUB, NW>::BYTES, pdl,
+                   FPX_CLUSTER && ctas_y <= MAX_CLUSTER ? ctas_y : 1, stream, static_cast<const uint4*>(wt), st, a,
+                   k, lda, kc, (kc + ctas_y - 1) / ctas_y, ep);
 }
 
 // A tensor map of bytes: `rank` dimensions (innermost first) of sizes dims, strides (bytes, of
@@ -836,7 +905,7 @@ cudaError_t launch_tiled(const void* wt, const int8_t* st, const uint8_t* a, int
   return launch_ex(w4a8_tiled_kernel<NT, SUB>,
                    dim3((tiles + TILED_TILES - 1) / TILED_TILES, 1, (ep.M + 8 * NT - 1) / (8 * NT)), TILED_THREADS,
                    FPX_TILE_STAGES * TiledStage<NT, SUB>::BYTES + 1024,  // + the 1024-byte alignment
-                   pdl, stream, amap, wmap, smap, kc, ep);
+                   pdl, 1, stream, amap, wmap, smap, kc, ep);
 }
 
 // NT token tiles of 8, NW row blocks per CTA. The K parts of `splits` go to the rings of one CTA as

@@ -18,7 +18,9 @@ Three paths, chosen by the number of tokens M (fixed rules, no run-time tuning; 
   activations, which are as large as a chunk's weights at 32 tokens. K is split into ``splits``
   parts (``default_splits``): as many as fit go to the warpgroups of one CTA (four warpgroups in
   all up to 16 tokens, and up to 32 for scale groups >= 128; two beyond), whose sums are added in
-  shared memory, more to other CTAs and a workspace; every reduction has a fixed order.
+  shared memory, the rest to ``CLUSTER`` CTAs of a thread-block cluster, whose sums are added
+  through distributed shared memory (more CTAs, only on request: through a workspace); every
+  reduction has a fixed order.
   Each 32-code group's sum starts at zero and is scaled into FP32 accumulators: Hopper's FP8 wgmma
   truncates its fused sums to 13 bits below their largest term, so the result's relative error is
   about 1e-4 (that of cuBLASLt FP8 GEMMs), not FP32's.
@@ -244,26 +246,22 @@ def workspace(device: torch.device) -> _Workspace:
 
 
 def default_splits(m: int, n: int, k: int, sub: int = 1, sms: int = 132) -> int:
-    """K parts of the wgmma kernel: the most of 1, 2 and 4 (1 and 2 beyond 32 tokens, and beyond 16
-    unless one scale group spans a whole 128-wide chunk, ``sub`` = 1) that keep the warpgroups (64
-    rows and one part each) within ``WG_PER_SM`` (``WG_PER_SM_WIDE`` beyond 16 tokens) per
-    multiprocessor, at least ``MIN_CHUNKS`` 128-wide K chunks each. The parts go to the warpgroups
-    of one CTA as far as ``cta_warpgroups`` allows with ``default_nw`` row blocks, the rest to CTAs
-    through the workspace, and only where each part keeps ``CTA_SPLIT_CHUNKS`` chunks (else the
-    parts are cut to what one CTA holds). Fixed rule, fitted to the H100 sweeps of
+    """K parts of the wgmma kernel: the most of 1, 2 and 4 (1 and 2 where a CTA holds two
+    warpgroups, ``cta_warpgroups``) that keep the warpgroups (64 rows and one part each) within
+    ``WG_PER_SM`` (``WG_PER_SM_WIDE`` where a CTA holds two) per multiprocessor, at least
+    ``MIN_CHUNKS`` 128-wide K chunks each. The parts go to the warpgroups of one CTA as far as
+    ``cta_warpgroups`` allows with ``default_nw`` row blocks, the rest to the CTAs of a cluster of
+    ``CLUSTER`` (the rule never needs more). Fixed rule, fitted to the H100 sweeps of
     benchmarks/w4a8_config.json (M = 1, 4, 16: 7B gate_up's 344 blocks of 64 rows best at 1 part,
-    7B qkv's 192 at 2, K=N=8192's 128 and 7B o's 64 at 4; 8 parts slower on every shape),
-    w4a8_config_m32.json (M = 32: four warpgroups of one CTA best for 7B down's 64 blocks, even for
-    7B o's) and w4a8_config_nw.md (M = 16, 32, 64 with row blocks: parts over CTAs pay only for
-    70B down's 224 chunks)."""
+    7B qkv's 192 at 2, K=N=8192's 128 and 7B o's 64 at 4; 8 parts slower on every shape) and
+    w4a8_config_cluster.md (M = 1-64 with row blocks and parts over a cluster: the rule's launch
+    within 3% of the best cell except 7B qkv at 32 tokens, 17.4 us against 16.9 at one part, and
+    7B down at 64, 37.1 against 34.2 with two row blocks)."""
     kc = -(-k // CHUNK_K)
     blocks = -(-n // ROWS)
-    splits, limit = (4, WG_PER_SM) if m <= 16 else (4 if m <= 32 and sub == 1 else 2, WG_PER_SM_WIDE)
+    splits, limit = (4, WG_PER_SM) if cta_warpgroups(m, sub) == 4 else (2, WG_PER_SM_WIDE)
     while splits > 1 and blocks * splits > limit * sms:
         splits //= 2
-    per_cta = cta_warpgroups(m, sub) // default_nw(m, n, sub)
-    if splits > per_cta and kc // splits < CTA_SPLIT_CHUNKS:
-        splits = per_cta
     return max(1, min(splits, kc // MIN_CHUNKS if kc >= MIN_CHUNKS else 1))
 
 
@@ -288,7 +286,7 @@ def cta_warpgroups(m: int, sub: int) -> int:
 WG_PER_SM, WG_PER_SM_WIDE = 4, 2
 MIN_CHUNKS = 4
 MIN_CTAS = 64
-CTA_SPLIT_CHUNKS = 48
+CLUSTER = 2  # K parts over this many CTAs are added in a thread-block cluster (MAX_CLUSTER in w4a8_gemm.cu)
 ROWS = 64  # weight rows per row block (wgmma's M; WG_TILES 16-row tiles in plugins/w4a8_gemm.cu)
 
 
