@@ -100,6 +100,11 @@ struct Stage {
   static constexpr int BYTES = A + NT * 1024;
 };
 
+// After the KW rings' stages: the inbox of a CTA whose K part is one of a cluster's two, which holds
+// the peer's sums of the tiles this CTA stores (each warp's NT x 4 floats per lane, lane-minor).
+template <int NT, int NW>
+constexpr int inbox_bytes() { return NW * WG_TILES * NT * 4 * 32 * 4; }
+
 // Whether a CTA of `warpgroups` x 128 threads fits its registers: 512 threads leave 128 per thread,
 // enough for up to 16 tokens and for 32 with one scale group per chunk (more would spill).
 constexpr bool fits(int nt, int sub, int warpgroups) { return warpgroups < 4 || nt <= 2 || (nt == 4 && sub == 1); }
@@ -168,13 +173,11 @@ __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 
-// The float at shared-memory address `addr` of the cluster's CTA `rank`.
-__device__ __forceinline__ float ld_cluster(uint32_t addr, uint32_t rank) {
+// v to shared-memory address `addr` of the cluster's CTA `rank` (visible there after a cluster barrier).
+__device__ __forceinline__ void st_cluster(uint32_t addr, uint32_t rank, float v) {
   uint32_t remote;
-  float v;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
-  return v;
+  asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(remote), "f"(v) : "memory");
 }
 
 // lo, hi: the E5M2 bytes (value * 2^-14) of a layout word's codes 0-3 and 4-7.
@@ -581,32 +584,30 @@ __global__ void __launch_bounds__(KW * NW * WG_THREADS, NT <= 2 ? 4 / (KW * NW) 
   int out_tile = kw == 0 ? tile : ntiles;  // rings > 0 only join the epilogue's barriers
   int splits = gridDim.y;
 #if FPX_CLUSTER
-  if (cluster_ctas() > 1) {  // the K parts of a column block are one cluster (rank blockIdx.y): each CTA
-                             // leaves ring 0's sums in its shared memory, and tile wq's are added in
-                             // part order by the CTA of rank wq % parts, which stores that tile
-    const uint32_t parts = gridDim.y, rank = blockIdx.y;
-    float* mine = reinterpret_cast<float*>(smem) + (KW - 1) * WG_TILES * NW * NT * 4 * 32;  // past the rings' sums
-    __syncthreads();  // every warp's wgmmas and copies are done with the stages
-    if (kw == 0)
+  if (cluster_ctas() > 1) {  // the two K parts of a column block are one cluster (rank blockIdx.y): tile
+                             // wq's sums are added by the CTA of rank wq % 2, which stores that tile;
+                             // the other CTA writes its sums of the tile into that CTA's inbox
+    static_assert(MAX_CLUSTER == 2, "two parts: this CTA's and its peer's");
+    const uint32_t rank = blockIdx.y;
+    const uint32_t box = smem_addr(smem + KW * S * L::BYTES) + (wq * NT * 4 * 32 + lane) * 4;  // + (j*4+i)*128
+    if (kw == 0 && wq % 2 != rank)
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) mine[(wq * NT * 4 + j * 4 + i) * 32 + lane] = acc[j][i];
-    cluster_sync();
-    if (kw == 0 && wq % parts == rank) {
+        for (int i = 0; i < 4; ++i) st_cluster(box + (j * 4 + i) * 128, rank ^ 1, acc[j][i]);
+    cluster_sync();  // the peer's sums are in this CTA's inbox; nothing reads a peer's memory after it
+    if (kw == 0 && wq % 2 == rank) {
+      const float* inbox = reinterpret_cast<const float*>(smem + KW * S * L::BYTES) + wq * NT * 4 * 32 + lane;
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const uint32_t at = smem_addr(mine + (wq * NT * 4 + j * 4 + i) * 32 + lane);
-          float v = 0.f;
-          for (uint32_t s = 0; s < parts; ++s) v += s == rank ? acc[j][i] : ld_cluster(at, s);
-          acc[j][i] = v;
+        for (int i = 0; i < 4; ++i) {  // in part order: the same sums as the workspace's
+          const float peer = inbox[(j * 4 + i) * 32];
+          acc[j][i] = rank == 0 ? (0.f + acc[j][i]) + peer : (0.f + peer) + acc[j][i];
         }
     } else {
       out_tile = ntiles;
     }
-    cluster_sync();  // no CTA leaves while the others read its shared memory
     splits = 1;
   }
 #endif
@@ -860,7 +861,7 @@ cudaError_t launch(const void* wt, const int8_t* st, const uint8_t* a, int k, in
   const int ctas_y = splits / KW;
   return launch_ex(w4a8_gemm_kernel<NT, SUB, KW, NW>,
                    dim3((ep.N + 16 * WG_TILES * NW - 1) / (16 * WG_TILES * NW), ctas_y), KW * NW * WG_THREADS,
-                   KW * FPX_STAGES * Stage<NT, SUB, NW>::BYTES, pdl,
+                   KW * FPX_STAGES * Stage<NT, SUB, NW>::BYTES + inbox_bytes<NT, NW>(), pdl,
                    FPX_CLUSTER && ctas_y <= MAX_CLUSTER ? ctas_y : 1, stream, static_cast<const uint4*>(wt), st, a,
                    k, lda, kc, (kc + ctas_y - 1) / ctas_y, ep);
 }
