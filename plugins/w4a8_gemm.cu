@@ -100,8 +100,9 @@ struct Stage {
   static constexpr int BYTES = A + NT * 1024;
 };
 
-// After the KW rings' stages: the inbox of a CTA whose K part is one of a cluster's two, which holds
-// the peer's sums of the tiles this CTA stores (each warp's NT x 4 floats per lane, lane-minor).
+// After the KW rings' stages, in cluster launches only: the inbox of a CTA whose K part is one of a
+// cluster's two, which holds the peer's sums of the tiles this CTA stores (each warp's NT x 4 floats
+// per lane, lane-minor).
 template <int NT, int NW>
 constexpr int inbox_bytes() { return NW * WG_TILES * NT * 4 * 32 * 4; }
 
@@ -858,12 +859,11 @@ template <int NT, int SUB, int KW, int NW>
 cudaError_t launch(const void* wt, const int8_t* st, const uint8_t* a, int k, int lda, int kc, int splits,
                    const Epilogue& ep, int pdl, cudaStream_t stream) {
   static_assert(fits(NT, SUB, KW * NW), "registers");
-  const int ctas_y = splits / KW;
+  const int ctas_y = splits / KW, cluster = FPX_CLUSTER && ctas_y <= MAX_CLUSTER ? ctas_y : 1;
   return launch_ex(w4a8_gemm_kernel<NT, SUB, KW, NW>,
                    dim3((ep.N + 16 * WG_TILES * NW - 1) / (16 * WG_TILES * NW), ctas_y), KW * NW * WG_THREADS,
-                   KW * FPX_STAGES * Stage<NT, SUB, NW>::BYTES + inbox_bytes<NT, NW>(), pdl,
-                   FPX_CLUSTER && ctas_y <= MAX_CLUSTER ? ctas_y : 1, stream, static_cast<const uint4*>(wt), st, a,
-                   k, lda, kc, (kc + ctas_y - 1) / ctas_y, ep);
+                   KW * FPX_STAGES * Stage<NT, SUB, NW>::BYTES + (cluster > 1 ? inbox_bytes<NT, NW>() : 0), pdl,
+                   cluster, stream, static_cast<const uint4*>(wt), st, a, k, lda, kc, (kc + ctas_y - 1) / ctas_y, ep);
 }
 
 // A tensor map of bytes: `rank` dimensions (innermost first) of sizes dims, strides (bytes, of

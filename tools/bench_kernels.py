@@ -97,7 +97,7 @@ def markdown(res):
              f"torch {res['torch']}; measured device-to-device copy bandwidth {res['copy_TBps']:.2f} TB/s (read + write). "
              "Times in us per call, each call timed inside a CUDA graph, weights L2-cold; median of 3 runs. "
              f"W4A8 = FP4 shift-cast weights (group {GROUP}) x FP8 activations: the wgmma kernel for M <= {W.MMA_M} "
-             f"(<= {W.MMA_MAX_M} for K >= {W.MMA_WIDE_K} and N x K > {W.MMA_WIDE_K}^2), its tiled form for "
+             f"(<= {W.MMA_MAX_M} for K >= {W.MMA_WIDE_K} and N x K > {round(W.MMA_WIDE_WEIGHTS ** 0.5)}^2), its tiled form for "
              f"{W.MMA_MAX_M} < M <= {W.TILED_MAX_M}, cast + _scaled_mm otherwise (`auto_path`); "
              f"keep-FP8 = the FP8 copy kept (the wgmma kernel up to {W.MMA_M_KEPT} tokens, _scaled_mm beyond); "
              f"mma, cast = the wgmma kernel (tiled beyond {W.MMA_MAX_M} tokens), the per-call cast + _scaled_mm, "

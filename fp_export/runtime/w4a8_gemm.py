@@ -28,8 +28,8 @@ Three paths, chosen by the number of tokens M (fixed rules, no run-time tuning; 
   takes 128 rows and a block of 128 tokens (64 for groups of 64 codes, 32 for groups of 32) over all
   of K; a producer warp fills 4 shared-memory stages with the Tensor Memory Accelerator (weights,
   shifts and activations, the activations in wgmma's 128-byte swizzle) and two warpgroups multiply
-  them as above (H100, 256 tokens: 1.06-1.83x the per-call cast on seven of the eight benchmark
-  shapes).
+  them as above (H100, 256 tokens: 1.12-1.87x the per-call cast on seven of the eight benchmark
+  shapes, benchmarks/kernels.md).
 - otherwise (prefill): the weights are cast to FP8 once per call (``weight_to_fp8``, the same
   decode, at 87% of copy bandwidth on the H100) into a shared workspace, or taken from a kept FP8
   copy, and multiplied with ``torch._scaled_mm`` (cuBLASLt, FP8 wgmma).
@@ -315,7 +315,9 @@ def auto_path(m: int, n: int, k: int, kept_fp8: bool) -> str:
     1.0-1.8x faster (K=N=8192 and 7B qkv 1.13x and 1.14x, 7B gate_up 1.05x, K=N=4096 and 7B down
     1.8x and 1.5x). The tiled form beats the cast at 256 tokens on seven of the eight shapes
     (1.06-1.83x; K=N=4096, 64 CTAs, 0.85x) and up to ``TILED_MAX_M``; at 512 it is 0.90-1.04x, beyond
-    ``_scaled_mm``'s tensor-core rate outweighs the cast (0.49-0.87x at 1024 and 4096)."""
+    ``_scaled_mm``'s tensor-core rate outweighs the cast (0.49-0.87x at 1024 and 4096). These are the
+    thirteenth session's run, which set the rule; the committed kernels.json, after the cluster
+    reduction, also has the kernel 1.22x the cast at 128 tokens on K=N=8192 (not in the rule)."""
     if kept_fp8:
         return "mma" if m <= MMA_M_KEPT else "scaled_mm"
     if m > MMA_MAX_M:
